@@ -1,0 +1,180 @@
+"""Plain, ResNet v1 (post-activation) and v2 (pre-activation) blocks: basic, bottleneck, dense.
+
+All three kinds share one constructor, so a *plain twin* differs from its ResNet only in the
+skip connection. With `W` a conv (3x3 basic; 1x1-3x3-1x1 bottleneck with 4x expansion and the
+stride on the 3x3, He et al. 2016 / torchvision) or a dense layer, `N` the norm, `phi` the
+activation and `alpha` the residual-branch scale:
+
+    plain:  x -> phi(N(W_k ... phi(N(W_1 x))))                       (He et al. 2015, plain nets)
+    v1:     x -> phi(s(x) + alpha * N(W_k ... phi(N(W_1 x))))         (He et al. 2015)
+    v2:     x -> s'(x) + alpha * W_k phi(N( ... W_1 phi(N(x))))       (He et al. 2016, "identity")
+
+`s` is the shortcut: the identity when the shape is kept, else option `A` (stride-subsample and
+zero-pad channels, no parameters, He et al.'s CIFAR nets) or `B` (1x1 projection, followed by the
+norm in v1); option `C` projects in every block. In v2 a projection branches off *after* the first
+`phi(N(x))`, keeping the identity path free of any norm or activation.
+
+A dense block with `layers_per_block=1`, `norm='none'` and `kind='plain'` is exactly
+`x_l = phi(W_l x_{l-1} + b_l)`, the mean-field network of Poole et al. 2016.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resflax import layers
+
+Array = jax.Array
+
+BLOCK_KINDS = ("plain", "v1", "v2")
+SHORTCUTS = ("A", "B", "C")
+BOTTLENECK_EXPANSION = 4
+
+
+def pad_shortcut(x: Array, features: int, strides: int) -> Array:
+    """Option A: `x[:, ::s, ::s, :]`, zero channels appended up to `features` (no parameters)."""
+    if strides != 1:
+        x = x[:, ::strides, ::strides, :]
+    extra = features - x.shape[-1]
+    if extra < 0:
+        raise ValueError(
+            f"shortcut='A' cannot reduce features from {x.shape[-1]} to {features}; "
+            "use shortcut='B' or 'C'"
+        )
+    if extra:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+    return x
+
+
+class Block(nn.Module):
+    """One plain / v1 / v2 block; `x: [B, H, W, C_in]` (conv) or `[B, C_in]` (dense).
+
+    Output: `[B, H/strides, W/strides, out_features]` or `[B, out_features]`, where
+    `out_features = width` (basic, dense) or `4 * width` (bottleneck).
+
+    Attributes:
+      kind: 'plain', 'v1' or 'v2'.
+      width: channels of the branch's layers (inner width for a bottleneck).
+      strides: spatial stride of the block (on the first 3x3 conv; 1 for dense blocks).
+      dense: dense (MLP) layers instead of convolutions.
+      bottleneck: 1x1-3x3-1x1 branch with 4x expansion instead of two 3x3 convs.
+      layers_per_block: number of dense layers in the branch (dense blocks only).
+      activation: elementwise nonlinearity phi.
+      kernel_init, bias_init: initializers of every weight and bias.
+      use_bias: biases on branch layers (True without normalization, as in mean-field nets).
+      norm: normalization factory from `layers.NORMS`, called as `norm(scale_init=...)(x, train)`.
+      shortcut: 'A', 'B' or 'C' (see module docstring).
+      zero_init_residual: zero the last norm's scale (v1; Goyal et al. 2017) or, where the
+        branch ends in a weight layer (v2, or no norm), that layer, so the branch is 0 at init.
+      residual_scale: alpha, a float, or 'learnable' for a scalar parameter initialized to 0
+        (SkipInit, De & Smith 2020; ReZero, Bachlechner et al. 2020).
+    """
+
+    kind: str
+    width: int
+    strides: int = 1
+    dense: bool = False
+    bottleneck: bool = False
+    layers_per_block: int = 2
+    activation: Callable[[Array], Array] = jax.nn.relu
+    kernel_init: layers.Initializer = nn.initializers.he_normal()
+    bias_init: layers.Initializer = nn.initializers.zeros
+    use_bias: bool = False
+    norm: Callable[..., nn.Module] = layers.BatchNorm
+    shortcut: str = "B"
+    zero_init_residual: bool = False
+    residual_scale: Any = 1.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @property
+    def out_features(self) -> int:
+        return self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
+
+    def _layer_specs(self) -> list[tuple[int, int, int]]:
+        """(kernel size, features, strides) of each weight layer of the branch."""
+        if self.dense:
+            return [(1, self.width, 1)] * self.layers_per_block
+        if self.bottleneck:
+            return [(1, self.width, 1), (3, self.width, self.strides), (1, self.out_features, 1)]
+        return [(3, self.width, self.strides), (3, self.width, 1)]
+
+    def _weight_layer(self, kernel: int, features: int, strides: int, zero: bool, name: str):
+        kernel_init = nn.initializers.zeros if zero else self.kernel_init
+        bias_init = nn.initializers.zeros if zero else self.bias_init
+        common = dict(
+            features=features,
+            use_bias=self.use_bias,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        if self.dense:
+            return nn.Dense(**common)
+        pad = kernel // 2
+        return nn.Conv(
+            kernel_size=(kernel, kernel),
+            strides=(strides, strides),
+            padding=((pad, pad), (pad, pad)),
+            **common,
+        )
+
+    def _norm(self, name: str, zero_scale: bool = False) -> nn.Module:
+        scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+        return self.norm(
+            scale_init=scale_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+
+    def _alpha(self) -> Array | float:
+        if self.residual_scale == "learnable":
+            return self.param("residual_scale", nn.initializers.zeros, (), self.param_dtype)
+        return self.residual_scale
+
+    def _projection(self, x: Array) -> Array:
+        return self._weight_layer(1, self.out_features, self.strides, False, "proj")(x)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        specs = self._layer_specs()
+        last = len(specs) - 1
+        has_norm = self.norm is not layers.NoNorm
+        reshapes = self.strides != 1 or x.shape[-1] != self.out_features
+        project = self.shortcut == "C" or (self.shortcut == "B" and reshapes)
+
+        if self.kind == "v2":
+            preact = self.activation(self._norm("norm_0")(x, train))
+            h = preact
+            for i, (k, f, s) in enumerate(specs):
+                if i > 0:
+                    h = self.activation(self._norm(f"norm_{i}")(h, train))
+                h = self._weight_layer(k, f, s, self.zero_init_residual and i == last, f"w_{i}")(h)
+            if project:
+                skip = self._projection(preact)
+            elif reshapes:
+                skip = pad_shortcut(x, self.out_features, self.strides)
+            else:
+                skip = x
+            return skip + self._alpha() * h
+
+        h = x
+        for i, (k, f, s) in enumerate(specs):
+            zero_last = self.zero_init_residual and i == last
+            h = self._weight_layer(k, f, s, zero_last and not has_norm, f"w_{i}")(h)
+            h = self._norm(f"norm_{i}", zero_scale=zero_last and has_norm)(h, train)
+            if i < last:
+                h = self.activation(h)
+        if self.kind == "plain":
+            return self.activation(h)
+        if project:
+            skip = self._norm("proj_norm")(self._projection(x), train)
+        elif reshapes:
+            skip = pad_shortcut(x, self.out_features, self.strides)
+        else:
+            skip = x
+        return self.activation(skip + self._alpha() * h)

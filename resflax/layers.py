@@ -1,0 +1,232 @@
+"""Registries of activations, initializers and normalizations (user-facing name -> callable).
+
+Every axis of variation the models expose is one dict here, so a reader finds every valid name in
+one place, and an unknown name raises a `ValueError` that lists the valid ones.
+
+Conventions:
+- `weight_scale` (sigma_w) is a multiplicative gain on the standard deviation of *every*
+  initializer: `normal` draws `W ~ N(0, sigma_w^2 / fan_in)` (the mean-field convention of
+  Poole et al. 2016), `he_normal` draws `N(0, 2 sigma_w^2 / fan_in)`, `orthogonal` is an
+  orthogonal matrix times `sigma_w`, and so on. `fan_in` of a conv kernel `[kh, kw, c_in, c_out]`
+  is `kh * kw * c_in`.
+- Normal initializers are untruncated Gaussians (He et al. 2015 and mean-field theory assume
+  Gaussian weights; a truncated normal would change the variance).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+def lookup(registry: Mapping[str, Any], name: str, field: str) -> Any:
+    """Returns `registry[name]`, or raises a ValueError naming `field` and the allowed names."""
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"{field}={name!r} is not supported; allowed values: {sorted(registry)}")
+    return registry[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Activations: elementwise, jax-differentiable (theory.py integrates them by Gauss-Hermite).
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "identity": lambda x: x,
+    "relu": jax.nn.relu,
+    "leaky_relu": functools.partial(jax.nn.leaky_relu, negative_slope=0.01),
+    "elu": jax.nn.elu,
+    "selu": jax.nn.selu,
+    # Exact GELU x * Phi(x), not the tanh approximation, so theory and model agree exactly.
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "swish": jax.nn.swish,
+    "softplus": jax.nn.softplus,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "erf": jax.scipy.special.erf,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    return lookup(ACTIVATIONS, name, "activation")
+
+
+# --------------------------------------------------------------------------------------------
+# Initializers: `make(weight_scale) -> init(key, shape, dtype)`.
+
+
+def _fans(shape) -> tuple[int, int]:
+    """(fan_in, fan_out) of a dense `[in, out]` or conv `[*window, in, out]` kernel."""
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def _variance_scaling(factor: float, mode: str, distribution: str) -> Callable[[float], Initializer]:
+    def make(weight_scale: float) -> Initializer:
+        return nn.initializers.variance_scaling(
+            factor * weight_scale**2, mode, distribution, in_axis=-2, out_axis=-1
+        )
+
+    return make
+
+
+def _orthogonal(weight_scale: float) -> Initializer:
+    """Orthogonal rows or columns of `reshape(kernel, [-1, out])`, times the gain sigma_w."""
+    return nn.initializers.orthogonal(scale=weight_scale, column_axis=-1)
+
+
+def _delta_orthogonal(weight_scale: float) -> Initializer:
+    """Delta-orthogonal conv kernel (Xiao et al. 2018, Algorithm 2).
+
+    Zero everywhere except the spatial centre tap, which is a (semi-)orthogonal `[in, out]`
+    matrix times sigma_w, so the conv is an orthogonal map at init. Unlike
+    `jax.nn.initializers.delta_orthogonal` it allows `in > out` (bottleneck reductions, whose
+    centre matrix then has orthonormal columns). A dense kernel gets a plain orthogonal matrix.
+    """
+    orthogonal = _orthogonal(weight_scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        if len(shape) == 2:
+            return orthogonal(key, shape, dtype)
+        centre = tuple(k // 2 for k in shape[:-2])
+        kernel = jnp.zeros(shape, dtype)
+        return kernel.at[centre].set(orthogonal(key, shape[-2:], dtype))
+
+    return init
+
+
+INITIALIZERS: dict[str, Callable[[float], Initializer]] = {
+    "normal": _variance_scaling(1.0, "fan_in", "normal"),
+    "he_normal": _variance_scaling(2.0, "fan_in", "normal"),
+    "he_uniform": _variance_scaling(2.0, "fan_in", "uniform"),
+    "glorot_normal": _variance_scaling(1.0, "fan_avg", "normal"),
+    "glorot_uniform": _variance_scaling(1.0, "fan_avg", "uniform"),
+    "lecun_normal": _variance_scaling(1.0, "fan_in", "normal"),
+    "orthogonal": _orthogonal,
+    "delta_orthogonal": _delta_orthogonal,
+    "zeros": lambda weight_scale: nn.initializers.zeros,
+}
+
+
+def initializer(name: str, weight_scale: float = 1.0) -> Initializer:
+    return lookup(INITIALIZERS, name, "init")(weight_scale)
+
+
+def bias_initializer(bias_scale: float) -> Initializer:
+    """`b ~ N(0, sigma_b^2)`; exactly zero when sigma_b = 0."""
+    if bias_scale == 0:
+        return nn.initializers.zeros
+    return nn.initializers.normal(stddev=bias_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalizations. Each takes `(x, train)` and normalizes over all axes but the last (features).
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over all axes but the last, with running statistics for eval.
+
+    `y = (x - mean) / sqrt(var + epsilon) * scale + bias`, where in training mode mean and var
+    are taken over the batch (and space) of `x`, and in eval mode the running averages
+    `batch_stats/{mean,var}` (updated as `m <- momentum m + (1 - momentum) batch_value` in
+    training mode whenever `batch_stats` is mutable) are used instead.
+
+    Under `jax.jit` with a batch sharded over a device mesh the batch statistics are those of
+    the *global* batch: the mean is a reduction over a sharded axis, which XLA all-reduces.
+
+    `freeze_stats=True` wraps the batch statistics in `stop_gradient`: the map from a batch to
+    its normalized output then acts on each example separately (block-diagonal Jacobian), which
+    is how per-example Jacobians with batch norm are defined (DESIGN section 3).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    scale_init: Initializer = nn.initializers.ones
+    freeze_stats: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        if train:
+            # Statistics in float32 at least, whatever the compute dtype.
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+            if self.freeze_stats:
+                mean, var = jax.lax.stop_gradient((mean, var))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        dtype = self.dtype or x.dtype
+        mul = (jax.lax.rsqrt(var + self.epsilon) * scale).astype(dtype)
+        return (x - mean.astype(dtype)) * mul + bias.astype(dtype)
+
+
+class GroupNorm(nn.Module):
+    """Per-example normalization over groups of channels (and all spatial positions).
+
+    `num_groups=1` is layer norm over every feature of an example, `(C,)` or `(H, W, C)`, with a
+    per-channel affine. Uses the largest divisor of the channel count not above `num_groups`
+    (so 32 groups on 16 channels means 16 groups).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    scale_init: Initializer = nn.initializers.ones
+    freeze_stats: bool = False  # Per-example already: nothing couples examples.
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        del train  # Same computation in both modes.
+        channels = x.shape[-1]
+        groups = max(g for g in range(1, min(self.num_groups, channels) + 1) if channels % g == 0)
+        return nn.GroupNorm(
+            num_groups=groups,
+            epsilon=self.epsilon,
+            scale_init=self.scale_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
+
+
+class NoNorm(nn.Module):
+    """The identity: `norm='none'`."""
+
+    scale_init: Initializer = nn.initializers.ones
+    freeze_stats: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        del train
+        return x
+
+
+NORMS: dict[str, Callable[..., nn.Module]] = {
+    "none": NoNorm,
+    "batch": BatchNorm,
+    "layer": functools.partial(GroupNorm, num_groups=1),
+    "group": GroupNorm,
+}
+
+
+def norm(name: str) -> Callable[..., nn.Module]:
+    return lookup(NORMS, name, "norm")
