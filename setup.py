@@ -27,9 +27,11 @@ setuptools.setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
         # Only for preparing datasets that tfds downloads and encodes with TensorFlow
         # (cifar10, imagenet2012, ...). Reading prepared data never needs it.
-        "prepare": ["tensorflow-cpu>=2.16"],
+        # tfds 4.9.x needs importlib_resources to locate builder code, but declares it only for
+        # Python < 3.9.
+        "prepare": ["tensorflow-cpu>=2.16", "importlib_resources>=6.0"],
     },
 )

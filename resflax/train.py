@@ -1,0 +1,468 @@
+"""Train state, optax optimizer from config, jitted train/eval steps, Orbax checkpoints.
+
+Pieces:
+- `make_schedule(optim)` / `make_optimizer(optim)`: the learning-rate schedule and the optax chain
+  `[clip_by_global_norm] -> [adaptive_grad_clip] -> optimizer (with weight decay) -> -lr(step)`.
+- `create_train_state(model, optim, rng, example_input, mesh)`: a replicated `TrainState`.
+- `make_train_step(model, optim, mesh)`, `make_eval_step(model, mesh)`: `jax.jit` with the
+  batch sharded over the `('data',)` mesh and the state replicated; the same code for 1 CPU
+  and N devices, one or many processes. Batch-norm statistics and the mean loss are over the
+  *global* batch.
+- `save_checkpoint` / `restore_latest`: Orbax `CheckpointManager` with items `state`
+  (the `TrainState` pytree: step, params, batch_stats, opt_state, rng), `data` (each process's
+  input-iterator state, one JSON file per process) and `extra` (JSON), so a resumed run equals
+  an uninterrupted one.
+
+Batches are dicts `{'image': float [B, H, W, C] or [B, D], 'label': int [B]}`; `eval_step`
+also takes an optional `'mask'` `[B]` (1 = real example, 0 = padding).
+
+Non-finite policy: a train step whose loss, gradient, or new state (params, batch_stats,
+opt_state) has any NaN/inf *is not applied*: the returned state equals the input state, step
+included, so `state.step` always counts applied updates and stays equal to optax's internal
+step counts (which drive the schedule). `metrics['finite']` is False, `metrics['step']` is the
+step that failed, `metrics['nonfinite_leaf']` indexes (into `param_paths(params)`, tree-flatten
+order) the first parameter whose gradient is non-finite (-1 if all gradients are finite). The
+caller decides whether to stop or to go on with the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+from jax.sharding import Mesh
+
+from resflax import parallel
+from resflax.layers import lookup
+
+Array = jax.Array
+PyTree = Any
+Metrics = dict[str, Array]
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule from config.
+
+
+def _get(config: Mapping[str, Any], field: str, default: Any = None) -> Any:
+    value = config.get(field, default)
+    return default if value is None else value
+
+
+def _piecewise(config, lr: float) -> optax.Schedule:
+    """lr times `decay_factor` at each boundary (He et al. 2015: 0.1 at 32k and 48k)."""
+    factor = _get(config, "decay_factor", 0.1)
+    boundaries = [int(b) for b in _get(config, "boundaries", ())]
+    return optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
+
+
+def _cosine(config, lr: float) -> optax.Schedule:
+    """Cosine from lr to 0 over `[warmup_steps, total_steps]`."""
+    total, warmup = config.get("total_steps"), _get(config, "warmup_steps", 0)
+    if not total or total <= warmup:
+        raise ValueError(f"schedule='cosine' needs total_steps > warmup_steps, got {total}")
+    cosine = optax.cosine_decay_schedule(lr, decay_steps=total - warmup)
+    return lambda step: cosine(step - warmup)
+
+
+SCHEDULES: dict[str, Callable[[Mapping[str, Any], float], optax.Schedule]] = {
+    "constant": lambda config, lr: optax.constant_schedule(lr),
+    "piecewise": _piecewise,
+    "cosine": _cosine,
+}
+
+
+def make_schedule(config: Mapping[str, Any]) -> optax.Schedule:
+    """Learning rate as a function of the update count (`state.step`), jit-compatible.
+
+    `lr(step) = warmup_lr` for `step < warmup_steps` (a *constant* warm-up, as He et al. 2015
+    use for ResNet-110: 0.01 for the first ~400 iterations, then 0.1), otherwise the schedule
+    named by `config.schedule`. Piecewise boundaries count from step 0, not from the warm-up end.
+    """
+    lr = float(config["learning_rate"])
+    main = lookup(SCHEDULES, _get(config, "schedule", "constant"), "optim.schedule")(config, lr)
+    warmup = int(_get(config, "warmup_steps", 0))
+    if warmup <= 0:
+        return main
+    warmup_lr = config.get("warmup_lr")
+    if warmup_lr is None:
+        raise ValueError("optim.warmup_steps > 0 needs optim.warmup_lr")
+    return lambda step: jnp.where(step < warmup, jnp.float32(warmup_lr), main(step))
+
+
+def _is_kernel(path) -> bool:
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+
+def kernel_mask(params: PyTree) -> PyTree:
+    """True on weight matrices / conv filters (flax `kernel`), False on biases, norm scales and
+    residual scales. By name, not `ndim > 1`: under `nn.scan` biases are stacked to 2-D."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
+
+
+DECAY_MASKS: dict[str, Any] = {
+    "all": None,  # He et al. 2015 decay every weight, biases and BN parameters included.
+    "kernels": kernel_mask,
+}
+
+
+def _sgd(config, schedule, weight_decay, mask):
+    """SGD with L2 regularisation: `g + wd * w` enters the momentum (He et al. 2015)."""
+    momentum = float(_get(config, "momentum", 0.9))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity(),
+        optax.sgd(schedule, momentum or None, nesterov=bool(_get(config, "nesterov", False))),
+    )
+
+
+def _adam(config, schedule, weight_decay, mask):
+    """Adam with L2 regularisation added to the gradient (coupled, like torch's Adam)."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity(),
+        optax.adam(schedule, nesterov=bool(_get(config, "nesterov", False))),
+    )
+
+
+def _adamw(config, schedule, weight_decay, mask):
+    """Decoupled weight decay (Loshchilov & Hutter 2019), optax convention: `w -= lr * wd * w`."""
+    return optax.adamw(
+        schedule, weight_decay=weight_decay, mask=mask,
+        nesterov=bool(_get(config, "nesterov", False)),
+    )
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adamw,
+}
+
+
+def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
+    """The optax chain for `config` (a ConfigDict or mapping, the `optim` part of a config).
+
+    Order: `clip_by_global_norm(clip_global_norm)` (if not None), then
+    `adaptive_grad_clip(adaptive_clip)` (if not None; unit-wise `||g_i|| <= lambda ||w_i||`,
+    Brock et al. 2021, here on every parameter, the classifier included), then the optimizer
+    `name` with `weight_decay` on the leaves chosen by `weight_decay_mask`, at the learning rate
+    `make_schedule(config)(step)`. Missing or None fields take the defaults: name 'sgd',
+    momentum 0.9, nesterov False, weight_decay 0, weight_decay_mask 'all', schedule 'constant',
+    decay_factor 0.1, warmup_steps 0. Unknown names raise a ValueError listing the allowed ones.
+    """
+    make = lookup(OPTIMIZERS, _get(config, "name", "sgd"), "optim.name")
+    mask = lookup(DECAY_MASKS, _get(config, "weight_decay_mask", "all"), "optim.weight_decay_mask")
+    clip, agc = config.get("clip_global_norm"), config.get("adaptive_clip")
+    return optax.chain(
+        optax.clip_by_global_norm(float(clip)) if clip is not None else optax.identity(),
+        optax.adaptive_grad_clip(float(agc)) if agc is not None else optax.identity(),
+        make(config, make_schedule(config), float(_get(config, "weight_decay", 0.0)), mask),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Train state.
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes, all arrays: exactly what a checkpoint holds.
+
+    `step` counts applied updates (int32 scalar); `rng` is raw `uint32[2]` key data, the base
+    key for per-step randomness `fold_in(rng, step)` (it never changes, so a resumed run draws
+    the same numbers). The model and the optimizer are not fields: the step factories close over
+    them, so two states from two calls have the same tree structure and never force a retrace.
+    """
+
+    step: Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+    rng: Array
+
+
+Optimizer = optax.GradientTransformation | Mapping[str, Any]
+
+
+def _optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    return make_optimizer(optimizer)
+
+
+def _key_data(rng) -> np.ndarray:
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return np.asarray(rng)
+
+
+def create_train_state(model, optimizer: Optimizer, rng, example_input, mesh: Mesh) -> TrainState:
+    """Initialises `model` (with `train=False`) and `optimizer` (an optax transformation or an
+    `optim` config), replicated over `mesh`. Only the shape and dtype of `example_input` are
+    used. `rng`: a typed or raw jax key."""
+    tx = _optimizer(optimizer)
+    key = _key_data(rng)  # A host constant: the same in every process.
+    shape, dtype = tuple(example_input.shape), example_input.dtype
+
+    def init() -> TrainState:
+        init_rng, state_rng = jax.random.split(key)
+        params_rng, dropout_rng = jax.random.split(init_rng)
+        variables = model.init(
+            {"params": params_rng, "dropout": dropout_rng}, jnp.zeros(shape, dtype), train=False
+        )
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=state_rng,
+        )
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+# --------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def param_paths(params: PyTree) -> list[str]:
+    """`'a/b/kernel'` for each leaf, in tree-flatten order (indexes `metrics['nonfinite_leaf']`)."""
+    return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def grad_norms_by_module(grads: PyTree, depth: int | None = 1) -> dict[str, Array]:
+    """`{path: ||g||_2}` over the leaves grouped by the first `depth` keys of their path
+    (`depth=1`: top-level modules; `depth=None`: each leaf's module, i.e. the path without the
+    parameter name). Scalar jax arrays; usable inside `jit`."""
+    sq: dict[str, Array] = {}
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        key = _path_str(path[:depth] if depth is not None else path[:-1]) or _path_str(path)
+        sq[key] = sq.get(key, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
+    return {k: jnp.sqrt(v) for k, v in sq.items()}
+
+
+def _global_norm(tree: PyTree) -> Array:
+    """`sqrt(sum of squares)` over every leaf (in float32)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def _all_finite(tree: PyTree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _per_example_stats(logits: Array, labels: Array) -> tuple[Array, Array]:
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    error = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+    return loss, error
+
+
+def _train_step(model, tx, learning_rate_fn, state: TrainState, batch):
+    """See `make_train_step`."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        (logits, _), updates = model.apply(
+            variables, batch["image"], train=True, mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        loss, error = _per_example_stats(logits, batch["label"])
+        return jnp.mean(loss), (jnp.mean(error), updates.get("batch_stats", {}))
+
+    (loss, (error, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        rng=state.rng,
+    )
+    # Non-finite policy (module docstring): keep the old state, step included.
+    grad_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    finite = (
+        jnp.isfinite(loss)
+        & jnp.all(grad_ok)
+        & _all_finite((new.params, new.batch_stats, new.opt_state))
+    )
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {
+        "loss": loss,
+        "error": error,
+        "grad_norm": _global_norm(grads),
+        "finite": finite,
+        "nonfinite_leaf": jnp.where(jnp.all(grad_ok), -1, jnp.argmin(grad_ok)).astype(jnp.int32),
+        "step": state.step,
+    }
+    if learning_rate_fn is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+    return new, metrics
+
+
+def _eval_step(model, state: TrainState, batch) -> Metrics:
+    logits, _ = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    loss, error = _per_example_stats(logits, batch["label"])
+    mask = batch.get("mask")
+    mask = jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32)
+    count = jnp.sum(mask)
+    denom = jnp.maximum(count, 1.0)
+    return {
+        "loss": jnp.sum(loss * mask) / denom,
+        "error": jnp.sum(error * mask) / denom,
+        "count": count,
+    }
+
+
+def make_train_step(
+    model, optimizer: Optimizer, mesh: Mesh, learning_rate_fn: optax.Schedule | None = None
+) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, Metrics]]:
+    """`train_step(state, batch) -> (state, metrics)`, jitted: batch sharded over `'data'`,
+    state replicated and donated (do not reuse the state passed in).
+
+    One step of `optimizer` (an optax transformation, or an `optim` config, which also gives
+    `learning_rate_fn = make_schedule(config)`) on the mean cross-entropy of the global batch,
+    with batch-norm statistics updated in train mode. Metrics (replicated scalars): `loss`,
+    `error`, `grad_norm` (global, before clipping), `learning_rate` (used by this update; when
+    known), `finite`, `nonfinite_leaf`, `step` (of this update); see the non-finite policy in
+    the module docstring.
+    """
+    tx = _optimizer(optimizer)
+    if learning_rate_fn is None and not isinstance(optimizer, optax.GradientTransformation):
+        learning_rate_fn = make_schedule(optimizer)
+    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return jax.jit(
+        functools.partial(_train_step, model, tx, learning_rate_fn),
+        in_shardings=(rep, data),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(model, mesh: Mesh) -> Callable[[TrainState, Mapping[str, Array]], Metrics]:
+    """`eval_step(state, batch) -> metrics`, jitted (batch sharded, state replicated): mean
+    `loss` and `error` with running batch-norm statistics over the examples with `mask != 0`
+    (all when the batch has no `'mask'`), and their `count`, for exact averaging."""
+    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return jax.jit(
+        functools.partial(_eval_step, model), in_shardings=(rep, data), out_shardings=rep
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+class _ProcessLocalJsonHandler(ocp.CheckpointHandler):
+    """One JSON file per process, `process_<i>-of-<n>.json` (grain's own layout): each host's
+    data iterator is at a different position of its own shard, so each keeps its own state
+    (Orbax's `JsonSave` writes only the primary host's)."""
+
+    def save(self, directory, args: "_ProcessLocalJsonSave"):
+        _process_file(directory).write_text(json.dumps(args.item))
+
+    def restore(self, directory, args: "_ProcessLocalJsonRestore | None" = None):
+        path = _process_file(directory)
+        if not path.exists():
+            raise ValueError(f"{path} not found: restore with as many processes as were saved")
+        return json.loads(path.read_text())
+
+
+def _process_file(directory):
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(_ProcessLocalJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _ProcessLocalJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_ProcessLocalJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _ProcessLocalJsonRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def make_checkpoint_manager(
+    directory: str, max_to_keep: int | None = 3, save_interval_steps: int = 1
+) -> ocp.CheckpointManager:
+    """An Orbax manager writing `<directory>/<step>/{state,data,extra}` (asynchronously:
+    call `manager.wait_until_finished()` before reading the files or exiting)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    data_iterator_state: Mapping[str, Any] | bytes | None = None,
+    extra: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> bool:
+    """Saves at step `state.step` (when the manager's interval says so, or `force`).
+
+    `data_iterator_state`: this process's grain `iterator.get_state()` (JSON bytes, or a dict),
+    kept per process and returned with its type by `restore_latest`. `extra`: a JSON dict
+    (the primary host's is kept). Every process must call it. Returns whether a save started.
+    """
+    if isinstance(data_iterator_state, (bytes, bytearray)):
+        data = {"format": "bytes", "value": bytes(data_iterator_state).decode("utf-8")}
+    else:
+        data = {"format": "json", "value": data_iterator_state}
+    return manager.save(
+        int(jax.device_get(state.step)),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=_ProcessLocalJsonSave(data),
+            extra=ocp.args.JsonSave(dict(extra or {})),
+        ),
+        force=force,
+    )
+
+
+def abstract_state(state: TrainState) -> TrainState:
+    """`ShapeDtypeStruct`s with the shardings of `state`: the restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, target: TrainState
+) -> tuple[TrainState, Any, dict] | None:
+    """`(state, data_iterator_state, extra)` from the latest checkpoint, or None if there is
+    none. `target` is a `TrainState` (e.g. fresh from `create_train_state`, or its
+    `abstract_state`) that gives the tree structure, shapes, dtypes and shardings."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state(target)),
+            data=_ProcessLocalJsonRestore(),
+            extra=ocp.args.JsonRestore(),
+        ),
+    )
+    data = restored["data"]
+    iterator_state = data["value"]
+    if data["format"] == "bytes":
+        iterator_state = iterator_state.encode("utf-8")
+    return restored["state"], iterator_state, dict(restored["extra"])
