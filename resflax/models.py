@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -463,6 +464,24 @@ class Network(nn.Module):
             perturbations = perturbations[1:]
         x_last, segments = self.body(x0, train, perturbations)
         return self.readout(x_last, train), (x0[None],) + segments
+
+
+def unroll_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Scanned-layout variables -> the layout of the same model built with `scan=False`.
+
+    Each stage's stacked `rest` subtree (leading layer axis) becomes `rest_0, rest_1, ...`, so
+    every block's parameters can be read or compared one block at a time.
+    """
+    unrolled = {}
+    for collection, tree in variables.items():
+        tree = {name: dict(stage) for name, stage in flax.core.unfreeze(tree).items()}
+        for stage in tree.values():
+            if isinstance(stage, dict) and "rest" in stage:
+                stacked = stage.pop("rest")
+                for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+                    stage[f"rest_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+        unrolled[collection] = tree
+    return unrolled
 
 
 def build_model(fields: Mapping[str, Any]) -> Network:

@@ -206,17 +206,7 @@ def test_scanned_and_unrolled_stages_agree(block, train):
     x = jax.random.normal(jax.random.key(4), (3, 8, 8, 3))
     scanned, variables = init(fields, x)
     unrolled = resflax.build_model(dict(fields, scan=False))
-    # Unstack the scanned parameters into the unrolled layout: rest/block[i] -> rest_i/block.
-    converted = {}
-    for collection, tree in variables.items():
-        tree = flax.core.unfreeze(tree)
-        for stage in tree.values():
-            if "rest" in stage:
-                stacked = stage.pop("rest")
-                n = jax.tree.leaves(stacked)[0].shape[0]
-                for i in range(n):
-                    stage[f"rest_{i}"] = jax.tree.map(lambda a: a[i], stacked)
-        converted[collection] = tree
+    converted = resflax.models.unroll_variables(variables)
     assert jax.tree.structure(converted) == jax.tree.structure(
         jax.eval_shape(unrolled.init, jax.random.key(0), x)
     )

@@ -1,0 +1,458 @@
+"""Exact gradient-flow diagnostics by autodiff: per-block signal, gradient and Jacobian statistics.
+
+Notation (DESIGN section 3): `x_0 = stem(input)`, `x_l = block_l(x_{l-1})` for `l = 1..L`,
+`logits = head(x_L)`, per-example cross-entropy `l_i`, `S = sum_i l_i`, `L = S / B`.
+
+| key | definition | length |
+| --- | --- | --- |
+| `fwd_sq` | mean over batch and features of `x_l^2` (mean-field `q^l`) | L+1 |
+| `fwd_chan_mean_sq` | per channel over batch (and space): mean^2, averaged over channels | L+1 |
+| `fwd_chan_var` | per channel over batch (and space): variance, averaged over channels | L+1 |
+| `act_grad_sq` | `(1/B) sum_i ||dS/dx_l^(i)||^2`, all `l` from ONE backward pass | L+1 |
+| `param_grad_norm` | `||dL/dtheta_l||_2` over every parameter of block `l` | L |
+| `jac_fro_sq` | `mean_i ||J_l^(i)||_F^2 / dim(x_{l-1})`, `J_l = dx_l/dx_{l-1}` | L |
+| `jac_spectral` | `mean_i sigma_max(J_l^(i))` | L |
+| `e2e_jac_fro_sq`, `e2e_jac_spectral` | the same for `J = dx_L/dx_0` | 1 |
+| `e2e_singular_values` | all singular values of each example's `dx_L/dx_0` (small dims) | [B, k] |
+
+How each is computed:
+- `act_grad_sq` adds zero *perturbations* to every `x_l` inside the network and differentiates
+  `S` with respect to them and to the parameters in one `jax.grad`: one forward and one backward
+  pass give the forward statistics, `act_grad_sq` and `param_grad_norm` together.
+- Batch norm couples the examples of a batch. `act_grad_sq` and `param_grad_norm` use the true,
+  coupled gradient of the batch loss. Per-example Jacobians hold the batch statistics fixed
+  (`stop_gradient`; `Network.freeze_norm_stats`): the map from a batch to its block outputs is
+  then block-diagonal over examples, so ONE `jvp` of the batch map with a tangent per example
+  gives `J^(i) v^(i)` for every example `i` at once (likewise one `vjp` gives `J^(i)T u^(i)`).
+- Frobenius norms: exact when `dim(x_{l-1}) <= exact_max_dim` (one `jvp` per basis vector,
+  `||J||_F^2 = sum_k ||J e_k||^2`), otherwise Hutchinson's estimator with Rademacher probes,
+  `||J||_F^2 = E_v ||J v||^2`, `num_probes` per example; `jac_fro_method` records which, and
+  `jac_fro_sq_stderr` its standard error (0 when exact).
+- Spectral norms: power iteration on `J^T J` (`jvp` then `vjp`), never a dense Jacobian; stops
+  after `power_iterations` or when every example's estimate changes by less than `power_tol`
+  (relative); `jac_spectral_rel_change` and `jac_spectral_iterations` report convergence. The
+  Rayleigh-quotient estimate never exceeds the true `sigma_max`.
+- Blocks of a scanned segment go through `jax.lax.map` over the stacked layer axis (memory of one
+  block at a time, `layer_batch` blocks in parallel); everything is one jitted program per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from resflax.models import Network
+
+Array = jax.Array
+
+FRO_METHODS = ("auto", "exact", "hutchinson")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Diagnostic options (all static: changing one recompiles).
+
+    Attributes:
+      train: batch norm in training mode (batch statistics), as during training. False uses
+        the running averages.
+      jacobians: compute the per-block Jacobian norms.
+      end_to_end: compute the end-to-end `dx_L/dx_0` norms.
+      fro_method: 'auto' (exact up to `exact_max_dim`, Hutchinson above), 'exact', 'hutchinson'.
+      exact_max_dim: largest `dim(x_{l-1})` for which 'auto' materializes the Jacobian.
+      num_probes: Rademacher probes per example for Hutchinson.
+      power_iterations: most power iterations for spectral norms.
+      power_tol: stop when every relative change of the sigma_max estimate is below this.
+      singular_values_max_dim: `e2e_singular_values` only when `dim(x_0), dim(x_L)` are at most
+        this (a dense per-example Jacobian and an SVD).
+      layer_batch: blocks of a scanned segment processed in parallel by the Jacobian maps.
+    """
+
+    train: bool = True
+    jacobians: bool = True
+    end_to_end: bool = True
+    fro_method: str = "auto"
+    exact_max_dim: int = 256
+    num_probes: int = 4
+    power_iterations: int = 50
+    power_tol: float = 1e-4
+    singular_values_max_dim: int = 256
+    layer_batch: int = 1
+
+    def __post_init__(self):
+        if self.fro_method not in FRO_METHODS:
+            raise ValueError(
+                f"fro_method={self.fro_method!r} is not supported; allowed values: {list(FRO_METHODS)}"
+            )
+        for name in ("exact_max_dim", "num_probes", "power_iterations", "layer_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not self.power_tol >= 0:
+            raise ValueError(f"power_tol={self.power_tol!r} must be >= 0")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _at_least_f32(x: Array) -> Array:
+    """Statistics in float32 at least (bfloat16 models), float64 when the model is."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _sq_norm(x: Array, batch_axes: int) -> Array:
+    """Sum of squares over all axes after the first `batch_axes`."""
+    return jnp.sum(jnp.square(x), axis=tuple(range(batch_axes, x.ndim)))
+
+
+def _subtree(tree: Mapping, path: tuple[str, ...]):
+    for key in path:
+        if key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _block_variables(variables: Mapping, path: tuple[str, ...]) -> dict:
+    """The variables (every collection) of the block at `path`."""
+    found = {}
+    for collection, tree in variables.items():
+        sub = _subtree(tree, path)
+        if sub is not None:
+            found[collection] = sub
+    return found
+
+
+def _apply_block(factory: Callable[..., Any], variables: Mapping, x: Array, train: bool) -> Array:
+    block = factory()
+    if train:
+        y, _ = block.apply(variables, x, train, mutable=["batch_stats"])
+        return y
+    return block.apply(variables, x, train)
+
+
+def _concat(per_segment: list[Array]) -> Array:
+    return jnp.concatenate(per_segment, axis=0)
+
+
+# ----------------------------------------------------------------------------- forward signals
+
+
+def signal_statistics(signals) -> dict[str, Array]:
+    """`fwd_sq`, `fwd_chan_mean_sq`, `fwd_chan_var`, each `[L+1]`, from the model's signals.
+
+    Each segment is `[n, B, ..., C]`; channel statistics reduce over batch and space.
+    """
+    sq, mean_sq, var = [], [], []
+    for seg in signals:
+        seg = _at_least_f32(seg)
+        axes = tuple(range(1, seg.ndim - 1))  # Batch and space.
+        mean = jnp.mean(seg, axis=axes)  # [n, C]
+        sq.append(jnp.mean(jnp.square(seg), axis=tuple(range(1, seg.ndim))))
+        mean_sq.append(jnp.mean(jnp.square(mean), axis=-1))
+        var.append(jnp.mean(jnp.var(seg, axis=axes), axis=-1))
+    return dict(fwd_sq=_concat(sq), fwd_chan_mean_sq=_concat(mean_sq), fwd_chan_var=_concat(var))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def per_block_norms(model: Network, tree: Mapping) -> Array:
+    """`[L]`: the 2-norm of each block's part of a params-shaped tree (e.g. gradients).
+
+    Blocks of a scanned segment hold their parameters stacked on a leading axis; the norm is
+    taken per index of that axis.
+    """
+    norms = []
+    for path, _, length, stacked in model.segments():
+        sub = _subtree(tree, path)
+        leaves = jax.tree.leaves(sub)
+        if not leaves:
+            norms.append(jnp.zeros((length,)))
+            continue
+        if stacked:
+            sq = sum(_sq_norm(_at_least_f32(leaf), 1) for leaf in leaves)
+        else:
+            sq = sum(jnp.sum(jnp.square(_at_least_f32(leaf))) for leaf in leaves)[None]
+        norms.append(jnp.sqrt(sq))
+    return _concat(norms)
+
+
+def gradient_statistics(
+    model: Network, variables: Mapping, inputs: Array, labels: Array, train: bool = True
+) -> dict[str, Array]:
+    """Forward statistics, `loss`, `act_grad_sq` `[L+1]` and `param_grad_norm` `[L]`.
+
+    One forward and one backward pass (the cost of a training step without the update).
+    Also returns the `signals` (block outputs) for the Jacobian diagnostics.
+    """
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    _, signals = jax.eval_shape(
+        functools.partial(model.apply, train=False), variables, inputs
+    )
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), signals)
+
+    def total_loss(params, perturbations):
+        out = model.apply(
+            {"params": params, **rest},
+            inputs,
+            train=train,
+            perturbations=perturbations,
+            mutable=["batch_stats"] if train else False,
+        )
+        logits, signals = out[0] if train else out
+        losses = optax.softmax_cross_entropy_with_integer_labels(_at_least_f32(logits), labels)
+        return jnp.sum(losses), signals
+
+    (total, signals), (param_grads, act_grads) = jax.value_and_grad(
+        total_loss, argnums=(0, 1), has_aux=True
+    )(params, zeros)
+    batch = inputs.shape[0]
+    act_grad_sq = _concat(
+        [_sq_norm(_at_least_f32(g), 1) / batch for g in act_grads]
+    )
+    mean_grads = jax.tree.map(lambda g: g / batch, param_grads)
+    return dict(
+        loss=total / batch,
+        act_grad_sq=act_grad_sq,
+        param_grad_norm=per_block_norms(model, mean_grads),
+        signals=signals,
+        **signal_statistics(signals),
+    )
+
+
+# ----------------------------------------------------------------------------- Jacobians
+
+
+def _rademacher(key, shape, dtype):
+    return jax.random.rademacher(key, shape, dtype=dtype)
+
+
+def _fro_sq(f: Callable[[Array], Array], x: Array, key, options: Options):
+    """Per-example `||J^(i)||_F^2` of a batch map `f` with block-diagonal Jacobian.
+
+    Returns `(fro_sq [B], stderr_sq [B], exact: bool)`.
+    """
+    batch = x.shape[0]
+    dim = x[0].size
+    exact = options.fro_method == "exact" or (
+        options.fro_method == "auto" and dim <= options.exact_max_dim
+    )
+    if exact:
+        # J e_k for every basis vector e_k of one example's input space, for all examples.
+        def column_sq(k):
+            e = jax.nn.one_hot(k, dim, dtype=x.dtype).reshape(x.shape[1:])
+            tangent = jnp.broadcast_to(e, x.shape)
+            return _sq_norm(jax.jvp(f, (x,), (tangent,))[1], 1)  # [B]
+
+        cols = jax.lax.map(column_sq, jnp.arange(dim), batch_size=min(dim, 64))  # [dim, B]
+        return jnp.sum(cols, axis=0), jnp.zeros((batch,), x.dtype), True
+
+    def probe_sq(k):
+        v = _rademacher(k, x.shape, x.dtype)
+        return _sq_norm(jax.jvp(f, (x,), (v,))[1], 1)  # [B]
+
+    samples = jax.lax.map(probe_sq, jax.random.split(key, options.num_probes))  # [P, B]
+    mean = jnp.mean(samples, axis=0)
+    if options.num_probes > 1:
+        stderr_sq = jnp.var(samples, axis=0, ddof=1) / options.num_probes
+    else:
+        stderr_sq = jnp.full((batch,), jnp.nan, x.dtype)
+    return mean, stderr_sq, False
+
+
+def _spectral(f: Callable[[Array], Array], x: Array, key, options: Options):
+    """Per-example `sigma_max(J^(i))` by power iteration on `J^T J` (jvp + vjp).
+
+    Returns `(sigma [B], max relative change at the last iteration, iterations)`.
+    """
+    _, vjp = jax.vjp(f, x)
+    tiny = jnp.finfo(x.dtype).tiny
+
+    def normalize(v):
+        norms = jnp.sqrt(_sq_norm(v, 1))
+        return v / jnp.maximum(norms, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
+
+    def step(state):
+        v, sigma, _, it = state
+        jv = jax.jvp(f, (x,), (v,))[1]
+        new_sigma = jnp.sqrt(_sq_norm(jv, 1))  # ||J v|| with ||v|| = 1: Rayleigh estimate.
+        (jtjv,) = vjp(jv)
+        change = jnp.abs(new_sigma - sigma) / jnp.maximum(new_sigma, tiny)
+        return normalize(jtjv), new_sigma, jnp.max(change), it + 1
+
+    def not_done(state):
+        _, _, change, it = state
+        return (it < options.power_iterations) & (change > options.power_tol)
+
+    v0 = normalize(jax.random.normal(key, x.shape, x.dtype))
+    batch = x.shape[0]
+    init = (v0, jnp.zeros((batch,), x.dtype), jnp.array(jnp.inf, x.dtype), jnp.array(0))
+    v, sigma, change, iterations = jax.lax.while_loop(not_done, step, init)
+    return sigma, change, iterations
+
+
+def block_jacobian_statistics(
+    model: Network, variables: Mapping, signals, key, options: Options = Options()
+) -> dict[str, Array]:
+    """`jac_fro_sq`, `jac_spectral` (each `[L]`) of every block, from its input `x_{l-1}`.
+
+    `signals` are the model's block outputs for the batch (from `gradient_statistics` or
+    `model.apply`). Batch statistics are held fixed (per-example Jacobians).
+    """
+    frozen = model.clone(freeze_norm_stats=True)
+    fro, stderr, spectral, change, iters, exact_flags = [], [], [], [], [], []
+    prev_last = signals[0][-1]
+    for k, (path, factory, length, stacked) in enumerate(frozen.segments()):
+        outputs = signals[k + 1]
+        # x_{l-1} for each block of the segment, [n, B, ...]; only a segment's first block can
+        # change the shape, and a reshaping block is a segment of its own.
+        inputs = prev_last[None]
+        if length > 1:
+            inputs = jnp.concatenate([inputs, outputs[:-1]], axis=0)
+        block_vars = _block_variables(variables, path)
+        if not stacked:
+            block_vars = jax.tree.map(lambda a: a[None], block_vars)
+        keys = jax.random.split(jax.random.fold_in(key, k), length)
+        dim = inputs[0, 0].size
+
+        def one_block(args, factory=factory):
+            bvars, x, bkey = args
+            f = lambda z: _apply_block(factory, bvars, z, options.train)
+            kf, ks = jax.random.split(bkey)
+            fro_sq, se_sq, _ = _fro_sq(f, x, kf, options)
+            sigma, rel_change, n_iter = _spectral(f, x, ks, options)
+            return (
+                jnp.mean(fro_sq) / dim,
+                jnp.sqrt(jnp.sum(se_sq)) / x.shape[0] / dim,
+                jnp.mean(sigma),
+                rel_change,
+                n_iter,
+            )
+
+        out = jax.lax.map(
+            one_block, (block_vars, inputs, keys), batch_size=min(options.layer_batch, length)
+        )
+        for acc, value in zip((fro, stderr, spectral, change, iters), out):
+            acc.append(value)
+        exact_flags.append(
+            options.fro_method == "exact"
+            or (options.fro_method == "auto" and dim <= options.exact_max_dim)
+        )
+        prev_last = outputs[-1]
+    methods = {"exact" if e else "hutchinson" for e in exact_flags}
+    return dict(
+        jac_fro_sq=_concat(fro),
+        jac_fro_sq_stderr=_concat(stderr),
+        jac_spectral=_concat(spectral),
+        jac_spectral_rel_change=_concat(change),
+        jac_spectral_iterations=_concat(iters),
+        jac_fro_method="+".join(sorted(methods)),
+    )
+
+
+def end_to_end_jacobian_statistics(
+    model: Network, variables: Mapping, x0: Array, key, options: Options = Options()
+) -> dict[str, Any]:
+    """`e2e_jac_fro_sq`, `e2e_jac_spectral` of `dx_L/dx_0`, and `e2e_singular_values` `[B, k]`
+    (None unless `dim(x_0)` and `dim(x_L)` are at most `singular_values_max_dim`)."""
+    frozen = model.clone(freeze_norm_stats=True)
+
+    def body(z):
+        out = frozen.apply(
+            variables, z, options.train, method="body",
+            mutable=["batch_stats"] if options.train else False,
+        )
+        (x_last, _) = out[0] if options.train else out
+        return x_last
+
+    kf, ks = jax.random.split(key)
+    fro_sq, se_sq, exact = _fro_sq(body, x0, kf, options)
+    sigma, change, iterations = _spectral(body, x0, ks, options)
+    dim_in = x0[0].size
+    dim_out = math.prod(jax.eval_shape(body, x0).shape[1:])
+    result = dict(
+        e2e_jac_fro_sq=jnp.mean(fro_sq) / dim_in,
+        e2e_jac_fro_sq_stderr=jnp.sqrt(jnp.sum(se_sq)) / x0.shape[0] / dim_in,
+        e2e_jac_fro_method="exact" if exact else "hutchinson",
+        e2e_jac_spectral=jnp.mean(sigma),
+        e2e_jac_spectral_rel_change=change,
+        e2e_jac_spectral_iterations=iterations,
+        e2e_singular_values=None,
+    )
+    if max(dim_in, dim_out) <= options.singular_values_max_dim:
+        result["e2e_singular_values"] = jnp.linalg.svd(
+            per_example_jacobian(body, x0), compute_uv=False
+        )
+    return result
+
+
+def per_example_jacobian(f: Callable[[Array], Array], x: Array) -> Array:
+    """`[B, dim_out, dim_in]`: the Jacobian of each example, for a batch map with
+    block-diagonal Jacobian (one `jvp` per input basis vector, shared by all examples)."""
+    dim = x[0].size
+
+    def column(k):
+        e = jax.nn.one_hot(k, dim, dtype=x.dtype).reshape(x.shape[1:])
+        out = jax.jvp(f, (x,), (jnp.broadcast_to(e, x.shape),))[1]
+        return out.reshape(x.shape[0], -1)  # [B, dim_out]
+
+    cols = jax.lax.map(column, jnp.arange(dim), batch_size=min(dim, 64))  # [dim_in, B, dim_out]
+    return jnp.transpose(cols, (1, 2, 0))
+
+
+# ----------------------------------------------------------------------------- everything
+
+
+def make_diagnostics(model: Network, options: Options = Options()):
+    """A jitted `fn(variables, inputs, labels, key) -> dict` of every diagnostic in the table.
+
+    Arrays stay on device; `to_python` turns the result into JSON-able Python values.
+    """
+
+    def run(variables, inputs, labels, key):
+        out = gradient_statistics(model, variables, inputs, labels, train=options.train)
+        signals = out.pop("signals")
+        kb, ke = jax.random.split(key)
+        if options.jacobians:
+            out.update(block_jacobian_statistics(model, variables, signals, kb, options))
+        if options.end_to_end:
+            out.update(end_to_end_jacobian_statistics(model, variables, signals[0][0], ke, options))
+        return out
+
+    static = {}
+    jitted = jax.jit(lambda v, x, y, k: _split_static(run(v, x, y, k), static)[0])
+
+    def fn(variables, inputs, labels, key):
+        arrays = jitted(variables, inputs, labels, key)
+        return {**arrays, **static}
+
+    return fn
+
+
+def _split_static(result: dict, static: dict):
+    """Moves Python (non-array) values out of a traced result into `static`."""
+    arrays = {}
+    for name, value in result.items():
+        if isinstance(value, str) or value is None:
+            static[name] = value
+        else:
+            arrays[name] = value
+    return arrays, static
+
+
+def to_python(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Device arrays -> floats / lists (JSON-able); scalars become floats."""
+    out = {}
+    for name, value in result.items():
+        if value is None or isinstance(value, str):
+            out[name] = value
+        else:
+            arr = jax.device_get(value)
+            out[name] = arr.tolist() if getattr(arr, "ndim", 0) else arr.item()
+    return out
