@@ -173,7 +173,7 @@ def test_every_quantity_matches_brute_force_in_float64(case, block, norm):
         model = resflax.build_model(fields)
         variables = model.init(jax.random.key(7), x)
         options = dg.Options(train=True, fro_method="exact", exact_max_dim=64,
-                             power_iterations=3000, power_tol=1e-13, singular_values_max_dim=64)
+                             power_iterations=1000, power_tol=1e-11, singular_values_max_dim=64)
         got = dg.to_python(dg.make_diagnostics(model, options)(variables, x, labels, jax.random.key(1)))
         want = brute_force(fields, x, labels, variables, train=True)
     for name in ("loss", "fwd_sq", "fwd_chan_mean_sq", "fwd_chan_var", "act_grad_sq",
@@ -196,8 +196,8 @@ def test_eval_mode_uses_running_statistics_and_matches_brute_force():
         # Non-trivial running statistics, so eval and train modes differ.
         variables = {**variables, "batch_stats": jax.tree.map(
             lambda a: a + 0.3, variables["batch_stats"])}
-        options = dg.Options(train=False, fro_method="exact", power_iterations=3000,
-                             power_tol=1e-13, singular_values_max_dim=64)
+        options = dg.Options(train=False, fro_method="exact", power_iterations=1000,
+                             power_tol=1e-11, singular_values_max_dim=64)
         got = dg.to_python(dg.make_diagnostics(model, options)(variables, x, labels, jax.random.key(1)))
         want = brute_force(fields, x, labels, variables, train=False)
     for name in ("loss", "act_grad_sq", "param_grad_norm", "jac_fro_sq", "e2e_jac_fro_sq"):
@@ -210,7 +210,7 @@ def test_eval_mode_uses_running_statistics_and_matches_brute_force():
 def test_hutchinson_and_power_iteration_agree_with_exact_values_within_their_tolerance():
     fields = dict(family="cifar_resnet", depth=8, width=2, block="v1")
     x = jax.random.normal(jax.random.key(6), (3, 4, 4, 3))
-    common = dict(end_to_end=True, power_iterations=2000, power_tol=1e-7)
+    common = dict(end_to_end=True, power_iterations=500, power_tol=1e-6)
     *_, exact = run(fields, x, fro_method="exact", **common)
     *_, hutch = run(fields, x, fro_method="hutchinson", num_probes=64, **common)
     err = np.abs(np.asarray(hutch["jac_fro_sq"]) - exact["jac_fro_sq"])
@@ -218,7 +218,7 @@ def test_hutchinson_and_power_iteration_agree_with_exact_values_within_their_tol
     assert np.all(stderr > 0) and np.all(err < 5 * stderr), (err, stderr)
     assert abs(hutch["e2e_jac_fro_sq"] - exact["e2e_jac_fro_sq"]) < 5 * hutch["e2e_jac_fro_sq_stderr"]
     # The power-iteration estimate is converged as reported.
-    assert np.all(np.asarray(exact["jac_spectral_rel_change"]) <= 1e-7)
+    assert np.all(np.asarray(exact["jac_spectral_rel_change"]) <= 1e-6)
 
 
 def test_power_iteration_reports_non_convergence():
