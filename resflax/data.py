@@ -388,6 +388,7 @@ def make_loader(
     worker_count: int = 0,
     image_size: int | None = None,
     download: bool = False,
+    read_threads: int | None = None,
 ) -> grain.DataLoader:
     """A grain DataLoader over `source(name, split)` for this JAX process.
 
@@ -405,6 +406,10 @@ def make_loader(
     - drop_remainder: drop a last partial batch (default: `train`).
     - image_size: resize the shorter side and center-crop to image_size x image_size (needed
       for variable-sized images such as imagenet2012).
+    - read_threads: threads reading records ahead (grain `ReadOptions.num_threads`; None:
+      grain's default, 16 threads and a 500-record buffer, meant for remote storage). 0 reads
+      in the consuming thread: about 2.5x faster for small local records on a 2-core CPU, where
+      grain's prefetch bookkeeping costs more than the reads. The batches are the same.
     - worker_count: grain worker processes (0: in this process; > 0 needs parsed absl flags).
       Each worker batches its own strided share of the stream, so the batch sequence depends
       on worker_count, and a state restores only into a loader with the same worker_count.
@@ -442,6 +447,8 @@ def make_loader(
             "starts worker processes): run under absl.app.run, as experiments/ do, or call "
             "absl.flags.FLAGS.mark_as_parsed() first; worker_count=0 needs neither"
         )
+    if read_threads is not None and (not isinstance(read_threads, int) or read_threads < 0):
+        raise ValueError(f"read_threads={read_threads!r} must be None (grain's default) or >= 0")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size={image_size!r} must be None or a positive int")
     if num_epochs is None and not train:
@@ -487,4 +494,5 @@ def make_loader(
         operations=operations,
         worker_count=worker_count,
         shard_options=shard,
+        read_options=None if read_threads is None else grain.ReadOptions(num_threads=read_threads),
     )

@@ -1,0 +1,327 @@
+"""The degradation problem (He et al. 2015, Fig. 1 and 6): plain nets vs their residual twins.
+
+    python -m experiments.degradation --config=configs/digits_degradation.py --workdir=/tmp/deg
+    python -m experiments.degradation --config=configs/cifar10_he2015.py --workdir=/tmp/he2015
+
+Trains every net of `config.nets` with every seed of `config.seeds` (each run is
+`experiments.train.train_and_evaluate` in `workdir/runs/<net>_seed<seed>/`, with its own
+metrics, checkpoints and summary), then writes into `workdir`:
+
+- `results.json`: `{"config", "runs": [{"net", "model": {every model field}, "weight_layers",
+  "seed", "status", "final_train_loss", "final_train_error", "final_eval_loss",
+  "final_eval_error", "wall_s", "history": {"step", "train_loss", "train_error",
+  "learning_rate", "eval_step", "eval_loss", "eval_error", "grad_step", "param_grad_norm"}}],
+  "table": [per net: mean and std over seeds], "wall_s"}`.
+  Final training loss/error: train mode, mean over the last `log_every_steps` updates (the
+  quantity He et al. plot); eval: the whole eval split at the end. Std is over seeds (ddof=0);
+  runs that stopped on a non-finite loss are counted in `diverged` and left out of the means.
+- `degradation.png`: (a) training loss vs step, one line per net (mean over seeds);
+  (b) final training loss vs number of weight layers, mean +- std over seeds, one line per block
+  kind; (c) per-block gradient norm `||dL/dtheta_l||` at initialization (step 0) vs block
+  index `l`, one line per net: the cause next to the symptom.
+
+Each net is `config.model` with the overrides of one `config.nets` entry, a comma-separated
+list of `field=value`: a bare field is a model field, a dotted one a path in the run config,
+e.g. `"block=v1,depth=110,optim.warmup_steps=400"`. A restart reuses completed runs (same
+config) and resumes interrupted ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import time
+from typing import Any
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import reporting
+from experiments import train as train_app
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "degradation.png"
+SWEEP_FIELDS = ("nets", "seeds", "cache_batches")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _parse_value(raw: str, current: Any) -> Any:
+    if isinstance(current, str):
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def run_config(config: ml_collections.ConfigDict, net: str, seed: int) -> ml_collections.ConfigDict:
+    """The single-run config of `net` (an override string) and `seed`."""
+    run = copy.deepcopy(config)
+    with run.unlocked():
+        for name in SWEEP_FIELDS:
+            if name in run:
+                del run[name]
+        run.seed = seed
+        for item in filter(None, (s.strip() for s in net.split(","))):
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"config.nets entry {net!r}: {item!r} is not field=value")
+            path = key.strip().split(".") if "." in key else ["model", key.strip()]
+            parent = run
+            for part in path[:-1]:
+                parent = parent[part] if part in parent else None
+                if not isinstance(parent, ml_collections.ConfigDict):
+                    break
+            if not isinstance(parent, ml_collections.ConfigDict) or path[-1] not in parent:
+                allowed = sorted(run.model) if len(path) == 2 and path[0] == "model" else None
+                raise ValueError(
+                    f"config.nets entry {net!r}: unknown field {key.strip()!r}"
+                    + (f"; allowed model fields: {allowed}" if allowed else "")
+                )
+            try:
+                parent[path[-1]] = _parse_value(raw.strip(), parent[path[-1]])
+            except TypeError as e:
+                raise ValueError(f"config.nets entry {net!r}: {key.strip()}: {e}") from None
+    return run
+
+
+def weight_layers(fields: dict[str, Any]) -> int:
+    """Weight layers on the longest path: MLP stem + blocks x layers + head; CIFAR/ImageNet:
+    the depth (He et al. count)."""
+    if fields["family"] == "mlp":
+        return fields["depth"] * fields["layers_per_block"] + 2
+    return fields["depth"]
+
+
+def net_names(config: ml_collections.ConfigDict) -> list[str]:
+    """`<block>-<weight layers>` per net (`b` suffix: bottleneck); the override string when
+    that is not unique."""
+    names = []
+    for net in config.nets:
+        fields = train_app.model_fields(run_config(config, net, 0).model)
+        names.append(f"{fields['block']}-{weight_layers(fields)}"
+                     + ("b" if fields["bottleneck"] else ""))
+    if len(set(names)) < len(names):
+        names = [net.replace("=", "").replace(",", "_").replace(".", "") for net in config.nets]
+    return names
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    for name in SWEEP_FIELDS:
+        if name not in config:
+            raise ValueError(f"config.{name} is missing (see configs/digits_degradation.py)")
+    if not config.nets or not all(isinstance(n, str) for n in config.nets):
+        raise ValueError(f"config.nets={config.nets!r} must be a non-empty tuple of strings "
+                         "like 'block=plain,depth=9'")
+    if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
+        raise ValueError(f"config.seeds={config.seeds!r} must be a non-empty tuple of ints")
+    for net in config.nets:
+        train_app.check_config(run_config(config, net, config.seeds[0]))
+    if len(set(net_names(config))) < len(config.nets):
+        raise ValueError(f"config.nets={config.nets!r} has duplicates")
+
+
+def history(workdir: str) -> dict[str, list]:
+    """A run's curves from its `metrics.jsonl`."""
+    h = {k: [] for k in ("step", "train_loss", "train_error", "learning_rate", "eval_step",
+                         "eval_loss", "eval_error", "grad_step", "param_grad_norm")}
+    for r in reporting.read_jsonl(os.path.join(workdir, reporting.METRICS_FILE)):
+        if "train/loss" in r:
+            h["step"].append(r["step"])
+            h["train_loss"].append(r["train/loss"])
+            h["train_error"].append(r["train/error"])
+            h["learning_rate"].append(r["train/learning_rate"])
+        if "eval/loss" in r:
+            h["eval_step"].append(r["step"])
+            h["eval_loss"].append(r["eval/loss"])
+            h["eval_error"].append(r["eval/error"])
+        if "param_grad_norm" in r:
+            h["grad_step"].append(r["step"])
+            h["param_grad_norm"].append(r["param_grad_norm"])
+    return h
+
+
+def _completed_summary(run_dir: str, run: ml_collections.ConfigDict) -> dict | None:
+    path = os.path.join(run_dir, train_app.SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    summary = reporting.read_json(path)
+    same = summary.get("config") == reporting.jsonable(run.to_dict())
+    return summary if summary.get("status") == "completed" and same else None
+
+
+def _stats(values: list) -> dict[str, float | None]:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"mean": None, "std": None}
+    return {"mean": float(v.mean()), "std": float(v.std())}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per net (in order of appearance): mean and std over seeds of the final metrics."""
+    table = []
+    for net in dict.fromkeys(r["net"] for r in runs):
+        group = [r for r in runs if r["net"] == net]
+        finished = [r for r in group if r["status"] == "completed"]
+        row = {"net": net, "block": group[0]["model"]["block"],
+               "weight_layers": group[0]["weight_layers"], "seeds": len(group),
+               "diverged": sum(r["status"] == "stopped_nonfinite" for r in group)}
+        for key in ("final_train_loss", "final_train_error", "final_eval_loss",
+                    "final_eval_error"):
+            stats = _stats([r[key] for r in finished])
+            row[f"{key}_mean"], row[f"{key}_std"] = stats["mean"], stats["std"]
+        table.append(row)
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    """A markdown table of `summarize`'s rows."""
+
+    def pm(row, key, fmt):
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        return "n/a" if mean is None else f"{mean:{fmt}} ± {std:{fmt}}"
+
+    lines = ["| net | layers | final train loss | final train error | final eval error | "
+             "diverged |", "|---|---:|---:|---:|---:|---:|"]
+    for row in table:
+        lines.append(
+            f"| {row['net']} | {row['weight_layers']} | {pm(row, 'final_train_loss', '.4f')} | "
+            f"{pm(row, 'final_train_error', '.4f')} | {pm(row, 'final_eval_error', '.4f')} | "
+            f"{row['diverged']}/{row['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the figure
+
+_COLORMAPS = {"plain": "Reds", "v1": "Blues", "v2": "Greens"}
+
+
+def _mean_curve(curves: list[list]) -> np.ndarray:
+    n = min(len(c) for c in curves)
+    return np.mean([np.asarray(c[:n], np.float64) for c in curves], axis=0)
+
+
+def plot(runs: list[dict], table: list[dict], path: str) -> None:
+    """Writes `degradation.png` (panels described in the module docstring)."""
+    nets = list(dict.fromkeys(r["net"] for r in runs))
+    blocks = list(dict.fromkeys(r["model"]["block"] for r in runs))
+    colors = {}
+    for block in blocks:
+        mine = [n for n in nets if next(r for r in runs if r["net"] == n)["model"]["block"]
+                == block]
+        cmap = plt.get_cmap(_COLORMAPS.get(block, "Greys"))
+        for i, net in enumerate(mine):
+            colors[net] = cmap(0.45 + 0.55 * (i + 1) / len(mine))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+
+    ax = axes[0]
+    for net in nets:
+        group = [r for r in runs if r["net"] == net and r["history"]["step"]]
+        if not group:
+            continue
+        steps = group[0]["history"]["step"][: min(len(r["history"]["step"]) for r in group)]
+        loss = _mean_curve([[np.nan if v is None else v for v in r["history"]["train_loss"]]
+                            for r in group])
+        ax.plot(steps, loss, color=colors[net], label=net, lw=1.5)
+    ax.set(yscale="log", xlabel="step", ylabel="training loss (train mode)",
+           title="(a) training loss, mean over seeds")
+    ax.legend(fontsize=8, ncol=2)
+
+    ax = axes[1]
+    for block in blocks:
+        rows = [t for t in table if t["block"] == block and t["final_train_loss_mean"] is not None]
+        if rows:
+            ax.errorbar([t["weight_layers"] for t in rows],
+                        [t["final_train_loss_mean"] for t in rows],
+                        yerr=[t["final_train_loss_std"] for t in rows], marker="o", capsize=4,
+                        color=plt.get_cmap(_COLORMAPS.get(block, "Greys"))(0.85), label=block)
+    depths = sorted({t["weight_layers"] for t in table})
+    ax.set(xscale="log", yscale="log", xlabel="weight layers", ylabel="final training loss",
+           title="(b) final training loss, mean ± std over seeds")
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend()
+
+    ax = axes[2]
+    for net in nets:
+        group = [r["history"]["param_grad_norm"][0] for r in runs if r["net"] == net
+                 and r["history"]["grad_step"] and r["history"]["grad_step"][0] == 0]
+        if group:
+            norms = _mean_curve(group)
+            ax.plot(np.arange(1, len(norms) + 1), norms, color=colors[net], label=net, lw=1.5)
+    ax.set(yscale="log", xlabel="block l (input → output)",
+           ylabel="||dL/dθ_l|| at initialization", title="(c) per-block gradient norm, step 0")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains every (net, seed), writes `results.json` and the figure; returns the results."""
+    check_config(config)
+    start = time.monotonic()
+    os.makedirs(workdir, exist_ok=True)
+    cache = train_app.BatchCache() if config.cache_batches else None
+    runs = []
+    names = net_names(config)
+    for net, name in zip(config.nets, names):
+        for seed in config.seeds:
+            run = run_config(config, net, seed)
+            run_dir = os.path.join(workdir, "runs", f"{name}_seed{seed}")
+            summary = _completed_summary(run_dir, run)
+            if summary is None:
+                logging.info("Training %s (%s), seed %d", name, net, seed)
+                summary = train_app.train_and_evaluate(run, run_dir, cache=cache)
+            else:
+                logging.info("Reusing the completed run in %s", run_dir)
+            fields = train_app.model_fields(run.model)
+            runs.append({
+                "net": name, "model": fields, "weight_layers": weight_layers(fields),
+                "seed": seed, "status": summary["status"],
+                "final_train_loss": summary["train_loss"],
+                "final_train_error": summary["train_error"],
+                "final_eval_loss": summary["eval_loss"],
+                "final_eval_error": summary["eval_error"],
+                "wall_s": summary["wall_s"], "history": history(run_dir),
+            })
+            if summary["status"] == "preempted":
+                logging.warning("Preempted: rerun the same command to resume.")
+                return {"config": config.to_dict(), "runs": runs, "status": "preempted"}
+    table = summarize(runs)
+    results = {"config": config.to_dict(), "runs": runs, "table": table,
+               "wall_s": time.monotonic() - start}
+    reporting.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    plot(runs, table, os.path.join(workdir, PLOT_FILE))
+    logging.info("Degradation results (%d seeds; %.0f s):\n%s", len(config.seeds),
+                 results["wall_s"], format_table(table))
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    reporting.quiet_library_logs()
+    run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (runs/, results.json, plots).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,617 @@
+"""Trains and evaluates one network: the loop around `resflax.train`, with all the I/O.
+
+    python -m experiments.train --config=configs/train.py --workdir=/tmp/train
+    python -m experiments.train --config=configs/train.py --workdir=/tmp/train \\
+        --config.model.block=plain --config.model.depth=27
+
+`train_and_evaluate(config, workdir)` writes into `workdir`:
+
+- `metrics.jsonl` + TensorBoard events (`reporting.MetricsWriter`), one record per line:
+  - every `log_every_steps` steps and at the last step, `train/loss`, `train/error`,
+    `train/accuracy`, `train/grad_norm` (global, before clipping): means over the steps since
+    the previous record, in train mode; `train/learning_rate` of the last update;
+    `perf/steps_per_sec` (wall clock);
+  - every `eval_every_steps` steps and at the last step, `eval/loss`, `eval/error`,
+    `eval/accuracy` over the whole `dataset.eval_split` (running batch-norm statistics);
+  - every `grad_norm_every_steps` steps (0: never), at the parameters *before* update `step`
+    and on that update's batch: `param_grad_norm` `[L]`, `||dL/dtheta_l||_2` over all the
+    parameters of block `l = 1..L` (a scanned stage's stacked `[n, ...]` leaves are split per
+    layer), and `grad_norm/<module>` per top-level module (stem, stages, head).
+- `checkpoints/<step>/`: Orbax, every `checkpoint_every_steps` steps and at the end: the
+  `TrainState`, each process's data-iterator position, and the loop's own state (the partial
+  logging window, the last records), so a restart equals an uninterrupted run bit for bit on
+  CPU.
+- `summary.json` at the end and on every stop: `status`, `step`, final `train_loss`,
+  `train_error` (the last logging window), `eval_loss`, `eval_error` (the last evaluation),
+  `wall_s` (summed over restarts), `config`; with `nonfinite` details when stopped for that.
+
+Statuses:
+- `completed`: `num_train_steps` updates done.
+- `preempted`: SIGTERM or Ctrl-C (SIGINT): the step in flight finishes, a checkpoint is saved,
+  and the process exits cleanly (a second Ctrl-C aborts at once). `stop_at_step` simulates one.
+- `stopped_nonfinite`: an update whose loss, gradient or new state is not finite (the library
+  does not apply it). The step and the first parameter with a non-finite gradient are logged
+  and kept in the summary. No checkpoint is written: the latest one is the last good state.
+
+Restarting with the same `--workdir` resumes from the latest checkpoint (records written after
+it are dropped from `metrics.jsonl` and TensorBoard). The loop syncs with the device once per
+step, to stop at the exact failing step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_dict, config_flags
+
+from experiments import reporting
+from resflax import data, parallel, resolve_fields, train
+from resflax.models import FIELDS, build_model
+
+STATUSES = ("completed", "preempted", "stopped_nonfinite")
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def model_config(**fields: Any) -> ml_collections.ConfigDict:
+    """Every `build_model` field, resolved (family defaults filled), as an overridable ConfigDict.
+
+    Fields that resolve to None become typed placeholders (`--config.model.layers_per_block=2`
+    works); `residual_scale` is kept as a *string* ('1.0', '0.1', 'learnable') so that one
+    command-line flag takes a number or 'learnable'; `model_fields` turns it back.
+    """
+    resolved = resolve_fields(fields)
+    types = {"layers_per_block": int, "bottleneck": bool}
+    cfg = ml_collections.ConfigDict()
+    for name in FIELDS:
+        value = resolved[name]
+        if name == "residual_scale":
+            value = str(value)
+        elif value is None:
+            value = config_dict.placeholder(types.get(name, str))
+        cfg[name] = value
+    return cfg
+
+
+def model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+    """`config.model` -> resolved `build_model` fields; ValueError naming `config.model.<field>`."""
+    fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+    scale = fields.get("residual_scale")
+    if isinstance(scale, str) and scale != "learnable":
+        try:
+            fields["residual_scale"] = float(scale)
+        except ValueError:
+            raise ValueError(
+                f"config.model.residual_scale={scale!r} must be a number or 'learnable'"
+            ) from None
+    try:
+        return resolve_fields(fields)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
+
+
+def _check_int(config, name: str, minimum: int, optional: bool = False) -> None:
+    value = config[name]
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.{name}={value!r} must be an integer >= {minimum}")
+
+
+def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.optim` as a dict, with `total_steps` defaulting to `num_train_steps` (cosine)."""
+    optim = config.optim.to_dict()
+    if optim.get("total_steps") is None:
+        optim["total_steps"] = config.num_train_steps
+    return optim
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field and what it allows. Reads no data."""
+    for name in ("seed", "dataset", "model", "optim", "batch_size", "num_train_steps"):
+        if name not in config:
+            raise ValueError(f"config.{name} is missing (see configs/train.py)")
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
+        raise ValueError(f"config.seed={config.seed!r} must be an integer in [0, 2**31)")
+    model_fields(config.model)
+    try:
+        train.make_optimizer(optim_config(config))
+    except ValueError as e:
+        raise ValueError(f"config.{e}" if str(e).startswith("optim.") else f"config.optim: {e}")
+    if config.dataset.augment not in data.AUGMENTATIONS:
+        raise ValueError(
+            f"config.dataset.augment={config.dataset.augment!r} is not supported; allowed "
+            f"values: {sorted(data.AUGMENTATIONS)}"
+        )
+    _check_int(config, "num_train_steps", 1)
+    _check_int(config, "batch_size", 1)
+    _check_int(config, "eval_batch_size", 1)
+    _check_int(config, "log_every_steps", 1)
+    _check_int(config, "eval_every_steps", 0)
+    _check_int(config, "grad_norm_every_steps", 0)
+    _check_int(config, "checkpoint_every_steps", 1)
+    _check_int(config, "stop_at_step", 0, optional=True)
+    n = config.num_devices or jax.device_count()
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % n:
+            raise ValueError(
+                f"config.{name}={config[name]} must be a multiple of the number of devices ({n})"
+            )
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def block_grad_norms(model, grads) -> jax.Array:
+    """`[L]`: `||g_l||_2` over every parameter of block `l`, in signal order `x_1 .. x_L`.
+
+    Uses `model.segments()`: a stacked (scanned) segment of `n` blocks contributes `n` entries,
+    the norm over each slice `[i, ...]` of its leaves.
+    """
+    parts = []
+    for path, _, length, stacked in model.segments():
+        sub = grads
+        for key in path:
+            sub = sub.get(key, {}) if hasattr(sub, "get") else {}
+        rows = length if stacked else 1
+        sq = jnp.zeros((rows,), jnp.float32)
+        for g in jax.tree.leaves(sub):
+            sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(rows, -1), axis=1)
+        parts.append(jnp.broadcast_to(sq, (length,)))
+    return jnp.sqrt(jnp.concatenate(parts))
+
+
+def _grad_stats(model, state: train.TrainState, batch) -> dict[str, jax.Array]:
+    """Per-block and per-module gradient norms of the train step's loss (not applied)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        (logits, _), _ = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            mutable=["batch_stats"], rngs={"dropout": rng},
+        )
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["label"]))
+
+    grads = jax.grad(loss_fn)(state.params)
+    stats = {"param_grad_norm": block_grad_norms(model, grads)}
+    stats.update({f"grad_norm/{k}": v for k, v in train.grad_norms_by_module(grads).items()})
+    return stats
+
+
+def _init_state(model, tx, input_shape, input_dtype, seed) -> train.TrainState:
+    """`train.create_train_state(model, tx, jax.random.key(seed), ...)` with `seed` traced, so
+    one compiled initializer serves every seed (same key splits, hence the same state)."""
+    key = jax.random.PRNGKey(seed)
+    init_rng, state_rng = jax.random.split(key)
+    params_rng, dropout_rng = jax.random.split(init_rng)
+    variables = model.init(
+        {"params": params_rng, "dropout": dropout_rng}, jnp.zeros(input_shape, input_dtype),
+        train=False,
+    )
+    params = variables["params"]
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=state_rng,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The model and its jitted programs for one (model, optimizer, mesh): compiled once, shared
+    by every run (seed) with the same architecture in this process."""
+
+    model: Any
+    mesh: Any
+    init: Callable[[int, tuple[int, ...]], train.TrainState]  # (seed, input shape) -> state
+    train_step: Callable
+    eval_step: Callable
+    grad_stats: Callable
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(key: str) -> Programs:
+    spec = json.loads(key)
+    model = build_model(spec["model"])
+    mesh = parallel.make_mesh(spec["num_devices"])
+    tx = train.make_optimizer(spec["optim"])
+    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    init = jax.jit(
+        lambda seed, shape: _init_state(model, tx, shape, jnp.float32, seed),
+        static_argnums=1, out_shardings=rep,
+    )
+    return Programs(
+        model=model,
+        mesh=mesh,
+        init=lambda seed, shape: init(np.int32(seed), tuple(shape)),
+        train_step=train.make_train_step(model, spec["optim"], mesh),
+        eval_step=train.make_eval_step(model, mesh),
+        grad_stats=jax.jit(functools.partial(_grad_stats, model), in_shardings=(rep, shard),
+                           out_shardings=rep),
+    )
+
+
+def build_programs(config: ml_collections.ConfigDict) -> Programs:
+    """`Programs` for `config` (cached: the same architecture and optimizer compile once)."""
+    key = json.dumps(
+        {"model": model_fields(config.model), "optim": optim_config(config),
+         "num_devices": config.num_devices},
+        sort_keys=True,
+    )
+    return _programs(key)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _loader(config, split: str, *, train_mode: bool, batch_size: int):
+    ds = config.dataset
+    return data.make_loader(
+        ds.name, split, batch_size=batch_size, train=train_mode, seed=config.seed,
+        data_dir=ds.data_dir, augment=ds.augment if train_mode else "none",
+        worker_count=ds.worker_count if train_mode else 0,  # Eval: no worker start-up per pass.
+        image_size=ds.image_size, read_threads=ds.read_threads,
+    )
+
+
+class BatchCache:
+    """Keeps the batches (and grain iterator states) that runs read, so that later runs with the
+    same data stream, e.g. the other architectures of a sweep with the same seed, replay them
+    from memory instead of decoding them again. The batches and the checkpointed iterator states
+    are exactly the grain loader's, so checkpoints stay interchangeable with uncached runs.
+    Memory grows with the number of distinct batches read: for small datasets only.
+    """
+
+    def __init__(self):
+        self._train: dict[str, _Stream] = {}
+        self._eval: dict[str, list] = {}
+
+    def train_iterator(self, key: str, make_loader: Callable[[], Any]) -> "_ReplayIterator":
+        if key not in self._train:
+            self._train[key] = _Stream(iter(make_loader()).get_state())
+        return _ReplayIterator(self._train[key], make_loader)
+
+    def eval_batches(self, key: str, make_loader: Callable[[], Any]) -> list:
+        if key not in self._eval:
+            self._eval[key] = list(make_loader())
+        return self._eval[key]
+
+
+class _Stream:
+    def __init__(self, initial_state: bytes):
+        self.batches: list = []
+        self.states: list[bytes] = [initial_state]  # states[i]: after i batches.
+        self.position = {initial_state: 0}
+
+
+class _ReplayIterator:
+    """A grain iterator's `next` / `get_state` / `set_state`, served from a `_Stream` and
+    extending it from a real grain iterator when a run reads past its end."""
+
+    def __init__(self, stream: _Stream, make_loader):
+        self._stream, self._make_loader = stream, make_loader
+        self._pos: int | None = 0  # None: reading from `_source` only (state not in the stream).
+        self._source, self._source_pos = None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        stream = self._stream
+        if self._pos is None:
+            return next(self._source)
+        if self._pos < len(stream.batches):
+            self._pos += 1
+            return stream.batches[self._pos - 1]
+        if self._source is None or self._source_pos != self._pos:
+            self._source = iter(self._make_loader())
+            self._source.set_state(stream.states[self._pos])
+        batch = next(self._source)
+        stream.batches.append(batch)  # Extend the shared stream.
+        state = self._source.get_state()
+        stream.states.append(state)
+        stream.position.setdefault(state, len(stream.batches))
+        self._pos = self._source_pos = self._pos + 1
+        return batch
+
+    def get_state(self) -> bytes:
+        if self._pos is None:
+            return self._source.get_state()
+        return self._stream.states[self._pos]
+
+    def set_state(self, state: bytes) -> None:
+        self._pos = self._stream.position.get(state)
+        self._source = self._source_pos = None
+        if self._pos is None:
+            self._source = iter(self._make_loader())
+            self._source.set_state(state)
+
+
+def _data_key(config, split: str) -> str:
+    return json.dumps(
+        {"dataset": config.dataset.to_dict(), "split": split, "seed": config.seed,
+         "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size},
+        sort_keys=True,
+    )
+
+
+def input_shape(config) -> tuple[int, ...]:
+    """`(1, H, W, C)` of the dataset's images (after `dataset.image_size`)."""
+    meta = data.dataset_meta(config.dataset.name, data_dir=config.dataset.data_dir)
+    shape = meta.image_shape
+    if config.dataset.image_size:
+        shape = (config.dataset.image_size, config.dataset.image_size, shape[-1])
+    if config.model.num_classes != meta.num_classes:
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes} but {meta.name} has "
+            f"{meta.num_classes} classes"
+        )
+    return (1,) + tuple(shape)
+
+
+def evaluate(programs: Programs, state, config, cache: BatchCache | None = None
+             ) -> dict[str, float]:
+    """Mean `loss` and `error` over the whole `dataset.eval_split` (last batch padded+masked)."""
+    local = config.eval_batch_size // jax.process_count()
+    split = config.dataset.eval_split
+    make = functools.partial(_loader, config, split, train_mode=False,
+                             batch_size=config.eval_batch_size)
+    batches = make() if cache is None else cache.eval_batches(_data_key(config, split), make)
+    totals = np.zeros(3)  # loss sum, error sum, count (float64 on the host)
+    for batch in batches:
+        n = len(batch["label"])
+        mask = np.zeros(local, np.float32)
+        mask[:n] = 1.0
+        padded = {k: np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)])
+                  for k, v in batch.items()}
+        padded["mask"] = mask
+        m = jax.device_get(programs.eval_step(state, parallel.global_batch(programs.mesh, padded)))
+        totals += [float(m["loss"]) * float(m["count"]), float(m["error"]) * float(m["count"]),
+                   float(m["count"])]
+    count = max(totals[2], 1.0)
+    error = float(totals[1] / count)
+    return {"eval/loss": float(totals[0] / count), "eval/error": error,
+            "eval/accuracy": 1.0 - error}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _StopRequests:
+    """SIGTERM and the first SIGINT set `requested`; the loop stops between steps. A second
+    SIGINT raises KeyboardInterrupt at once. Handlers are installed in the main thread only."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        logging.warning("%s received: stopping after this step and checkpointing", self.requested)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _empty_window() -> dict[str, float]:
+    return {"steps": 0, "loss": 0.0, "error": 0.0, "grad_norm": 0.0, "learning_rate": None}
+
+
+def _window_record(window) -> dict[str, float]:
+    n = max(window["steps"], 1)
+    return {"train/loss": window["loss"] / n, "train/error": window["error"] / n,
+            "train/accuracy": 1.0 - window["error"] / n,
+            "train/grad_norm": window["grad_norm"] / n,
+            "train/learning_rate": window["learning_rate"]}
+
+
+def _keep_record(resume_step: int) -> Callable[[Mapping[str, Any]], bool]:
+    """Records a run has written by the time it checkpoints at `resume_step`: everything up to
+    that step except the gradient record *at* it (computed in the next iteration)."""
+    return lambda r: r["step"] < resume_step or (
+        r["step"] == resume_step and "param_grad_norm" not in r
+    )
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+class _Run:
+    """One invocation of the loop: state, data iterator, checkpoints, metrics, loop bookkeeping.
+
+    `loop` is what the checkpoint keeps besides the TrainState and the iterator position: the
+    partial logging window, the last train and eval records, and the wall time so far.
+    """
+
+    def __init__(self, config, workdir: str, cache: BatchCache | None):
+        self.config, self.cache, self.start = config, cache, time.monotonic()
+        self.primary = jax.process_index() == 0
+        if self.primary:
+            os.makedirs(workdir, exist_ok=True)
+        self.programs = build_programs(config)
+        self.state = self.programs.init(config.seed, input_shape(config))
+        self.paths = train.param_paths(self.state.params)
+        split = config.dataset.train_split
+        make = functools.partial(_loader, config, split, train_mode=True,
+                                 batch_size=config.batch_size)
+        self.data = iter(make()) if cache is None else cache.train_iterator(
+            _data_key(config, split), make)
+        self.manager = train.make_checkpoint_manager(
+            os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+            max_to_keep=config.max_checkpoints_to_keep,
+        )
+        self.loop = {"window": _empty_window(), "last_train": None, "last_eval": None,
+                     "wall_s": 0.0}
+        restored = train.restore_latest(self.manager, self.state)
+        resume = None
+        if restored is not None:
+            self.state, iterator_state, extra = restored
+            self.data.set_state(iterator_state)
+            self.loop.update(extra)
+            resume = int(self.state.step)
+            logging.info("Resuming from %s at step %d", self.manager.directory, resume)
+        self.step = int(self.state.step)
+        self.writer = reporting.MetricsWriter(
+            workdir, resume_step=resume, keep=None if resume is None else _keep_record(resume),
+            enabled=self.primary,
+        )
+        self.nonfinite = None
+        self.window_start = time.monotonic()
+
+    def wall_s(self) -> float:
+        return self.loop["wall_s"] + time.monotonic() - self.start
+
+    def save(self) -> None:
+        if self.manager.latest_step() != self.step:
+            train.save_checkpoint(self.manager, self.state, self.data.get_state(),
+                                  dict(self.loop, wall_s=self.wall_s()), force=True)
+
+    def train_step(self) -> bool:
+        """One update (with the gradient record first, when due); False if it was not finite."""
+        config, programs = self.config, self.programs
+        batch = parallel.global_batch(programs.mesh, next(self.data))
+        if _every(self.step, config.grad_norm_every_steps):
+            self.writer.write(self.step,
+                              jax.device_get(programs.grad_stats(self.state, batch)))
+        self.state, metrics = programs.train_step(self.state, batch)
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            leaf = int(metrics["nonfinite_leaf"])
+            self.nonfinite = {"step": int(metrics["step"]), "loss": float(metrics["loss"]),
+                              "param": self.paths[leaf] if leaf >= 0 else None}
+            logging.error(
+                "Non-finite update at step %d (loss %s); first parameter with a non-finite "
+                "gradient: %s. Stopping (the update was not applied).", self.nonfinite["step"],
+                self.nonfinite["loss"], self.nonfinite["param"] or "none (gradients finite)",
+            )
+            return False
+        self.step += 1
+        window = self.loop["window"]
+        window["steps"] += 1
+        for name in ("loss", "error", "grad_norm"):
+            window[name] += float(metrics[name])
+        window["learning_rate"] = float(metrics["learning_rate"])
+        return True
+
+    def after_step(self) -> None:
+        """Records, evaluation and checkpoints due at `self.step`."""
+        config, step, loop = self.config, self.step, self.loop
+        last = step == config.num_train_steps
+        if _every(step, config.log_every_steps) or last:
+            record = _window_record(loop["window"])
+            now = time.monotonic()
+            record["perf/steps_per_sec"] = loop["window"]["steps"] / max(
+                now - self.window_start, 1e-9)
+            self.window_start = now
+            self.writer.write(step, record)
+            loop["last_train"], loop["window"] = record, _empty_window()
+        if _every(step, config.eval_every_steps) or last:
+            loop["last_eval"] = evaluate(self.programs, self.state, config, self.cache)
+            self.writer.write(step, loop["last_eval"])
+            logging.info("step %d: %s", step, {**(loop["last_train"] or {}), **loop["last_eval"]})
+        if _every(step, config.checkpoint_every_steps):
+            self.save()
+
+    def run(self) -> str:
+        config = self.config
+        progress = reporting.Progress(config.num_train_steps, self.step,
+                                      config.progress_every_secs)
+        try:
+            with _StopRequests() as stop:
+                while self.step < config.num_train_steps:
+                    if stop.requested or (config.stop_at_step is not None
+                                          and self.step >= config.stop_at_step):
+                        self.save()
+                        return "preempted"
+                    if not self.train_step():
+                        return "stopped_nonfinite"  # No checkpoint: the last one is good.
+                    self.after_step()
+                    progress.update(self.step)
+                self.save()
+                return "completed"
+        finally:  # Also on errors: let an async save finish, flush the metrics.
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.writer.close()
+            progress.update(self.step, force=True)
+
+    def summary(self, status: str) -> dict[str, Any]:
+        loop = self.loop
+        last_train = _window_record(loop["window"]) if loop["window"]["steps"] else (
+            loop["last_train"] or {})
+        last_eval = loop["last_eval"] or {}
+        summary = {
+            "status": status,
+            "step": self.step,
+            "train_loss": last_train.get("train/loss"),
+            "train_error": last_train.get("train/error"),
+            "eval_loss": last_eval.get("eval/loss"),
+            "eval_error": last_eval.get("eval/error"),
+            "wall_s": self.wall_s(),
+            "config": self.config.to_dict(),
+        }
+        if self.nonfinite:
+            summary["nonfinite"] = self.nonfinite
+        return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       cache: BatchCache | None = None) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
+
+    See the module docstring for the files and statuses. `cache`: serve the data through a
+    `BatchCache` shared with other runs (same batches, read once).
+    """
+    check_config(config)
+    run = _Run(config, os.fspath(workdir), cache)
+    status = run.run()
+    summary = run.summary(status)
+    if run.primary:
+        reporting.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    logging.info("%s at step %d: %s", status, run.step,
+                 {k: v for k, v in summary.items() if k != "config"})
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    reporting.quiet_library_logs()
+    summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    if summary["status"] == "stopped_nonfinite":
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.json.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,182 @@
+"""experiments/gradient_flow.py: results.json schema, plots, presets, data, errors, determinism."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import gradient_flow as gf_config
+from experiments import gradient_flow
+from resflax.models import FIELDS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_SWEEP = (
+    dict(name="plain", family="mlp", block="plain", depth=2, width=8),
+    dict(name="v2 bn", family="mlp", block="v2", depth=4, width=8, norm="batch"),
+    dict(name="cifar v1", family="cifar_resnet", block="v1", depth=8, width=4, norm="batch",
+         shortcut="A"),
+)
+
+
+def tiny_config(preset=None, **data):
+    config = gf_config.get_config(preset)
+    config.batch_size = 8
+    config.seeds = (0,)
+    config.data.update(data)
+    if preset == "single":
+        config.model.update(dict(depth=3, width=8))
+    else:
+        config.sweep = TINY_SWEEP
+    return config
+
+
+def strict_load(path):
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant} in {path}")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=reject)
+
+
+def test_sweep_writes_results_json_and_plots(tmp_path):
+    workdir = str(tmp_path)
+    returned = gradient_flow.run(tiny_config(), workdir)
+    results = strict_load(os.path.join(workdir, "results.json"))
+    assert results["config"]["batch_size"] == 8
+    assert [r["name"] for r in results["runs"]] == ["plain", "v2 bn", "cifar v1"]
+    for run in results["runs"]:
+        assert set(run["model"]) == set(FIELDS)
+        assert run["seed"] == 0 and run["num_params"] > 0 and math.isfinite(run["loss"])
+        blocks = run["blocks"]
+        num_blocks = len(blocks["param_grad_norm"])
+        for key in ("fwd_sq", "fwd_chan_mean_sq", "fwd_chan_var", "act_grad_sq"):
+            assert len(blocks[key]) == num_blocks + 1, key  # x_0 .. x_L
+        for key in ("jac_fro_sq", "jac_fro_sq_stderr", "jac_spectral",
+                    "jac_spectral_rel_change", "jac_spectral_iterations"):
+            assert len(blocks[key]) == num_blocks, key  # blocks 1 .. L
+        assert blocks["jac_fro_method"] in ("exact", "hutchinson", "exact+hutchinson")
+        assert {"e2e_jac_fro_sq", "e2e_jac_spectral", "e2e_jac_fro_method"} <= set(run["e2e"])
+        assert run["nonfinite"] == {}
+    plain, v2, cifar = results["runs"]
+    assert len(plain["blocks"]["act_grad_sq"]) == 3 and len(v2["blocks"]["jac_spectral"]) == 4
+    # Theory where it applies (MLP plain / v2), anchored at the measured end points.
+    for run in (plain, v2):
+        t = run["theory"]
+        assert len(t["fwd_sq"]) == len(t["act_grad_sq"]) == len(run["blocks"]["fwd_sq"])
+        assert len(t["jac_fro_sq"]) == len(run["blocks"]["jac_fro_sq"])
+        assert t["fwd_sq"][0] == pytest.approx(run["blocks"]["fwd_sq"][0])
+        assert t["act_grad_sq"][-1] == pytest.approx(run["blocks"]["act_grad_sq"][-1])
+    assert cifar["theory"] is None
+    assert cifar["model"]["layers_per_block"] is None  # MLP-only field dropped for convs.
+    assert returned["runs"][0]["blocks"]["fwd_sq"] == plain["blocks"]["fwd_sq"]
+    for name in ("act_grad_sq.png", "fwd_sq.png", "jac_spectral.png"):
+        with open(os.path.join(workdir, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_preset_with_overrides_and_gaussian_data_is_deterministic(tmp_path):
+    config = tiny_config("single", name="gaussian", input_dim=(5,))
+    config.model.block = "v2"
+    config.model.activation = "tanh"
+    first = gradient_flow.run(config, str(tmp_path / "a"))
+    second = gradient_flow.run(config, str(tmp_path / "b"))  # A fresh compile.
+    (run,) = first["runs"]
+    assert run["model"]["block"] == "v2" and run["model"]["depth"] == 3
+    assert len(run["blocks"]["act_grad_sq"]) == 4 and run["theory"] is not None
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert strip(run) == strip(second["runs"][0])
+
+
+def test_nonfinite_values_are_kept_and_named(tmp_path):
+    # sigma_w^2 = 2 * 10^2 per ReLU layer: x_20 ~ 14^20 = 1e23, its square overflows float32.
+    config = tiny_config("single")
+    config.model.update(dict(depth=20, weight_scale=10.0))
+    result = gradient_flow.run(config, str(tmp_path))
+    (run,) = result["runs"]
+    assert math.isinf(run["blocks"]["fwd_sq"][-1])  # Kept in memory ...
+    assert "inf" in run["nonfinite"]["blocks.fwd_sq"]
+    (written,) = strict_load(tmp_path / "results.json")["runs"]  # ... null in strict JSON.
+    assert written["blocks"]["fwd_sq"][-1] is None
+    assert written["nonfinite"] == run["nonfinite"]
+    assert os.path.getsize(tmp_path / "act_grad_sq.png") > 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(depth=0), "depth=0"),
+        (dict(width=-4), "width=-4"),
+        (dict(activation="nope"), "activation='nope'"),
+    ],
+)
+def test_bad_model_field_names_it(tmp_path, change, message):
+    config = tiny_config("single")
+    config.model.update(change)
+    with pytest.raises(ValueError, match=message):
+        gradient_flow.run(config, str(tmp_path))
+
+
+def test_bad_config_fields_name_them(tmp_path):
+    config = tiny_config()
+    config.sweep = (dict(depth=2, colour="red"),)
+    with pytest.raises(ValueError, match=r"sweep\[0\].*colour"):
+        gradient_flow.run(config, str(tmp_path))
+    config = tiny_config()
+    config.sweep = (dict(depth=2, width=-1),)
+    with pytest.raises(ValueError, match=r"sweep\[0\].*width=-1"):
+        gradient_flow.run(config, str(tmp_path))
+    config = tiny_config("single")
+    config.unlock()
+    config.diagnostics.nope = 1
+    with pytest.raises(ValueError, match="diagnostics.*nope"):
+        gradient_flow.run(config, str(tmp_path))
+    config = tiny_config("single")
+    config.diagnostics.fro_method = "svd"
+    with pytest.raises(ValueError, match="fro_method='svd'"):
+        gradient_flow.run(config, str(tmp_path))
+    config = tiny_config("single")
+    config.seeds = ()
+    with pytest.raises(ValueError, match="config.seeds"):
+        gradient_flow.run(config, str(tmp_path))
+    with pytest.raises(ValueError, match="preset='nope'"):
+        gf_config.get_config("nope")
+
+
+def test_dataset_not_prepared_offline_names_it_and_data_dir(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    config = tiny_config("single", name="mnist", data_dir=data_dir)
+    with pytest.raises(ValueError, match="mnist") as error:
+        gradient_flow.run(config, str(tmp_path / "work"))
+    assert data_dir in str(error.value)
+    config = tiny_config("single", name="no_such_dataset", data_dir=data_dir)
+    with pytest.raises(ValueError, match="no_such_dataset"):
+        gradient_flow.run(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")  # Failed before writing anything.
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.gradient_flow", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    proc = _cli(
+        "--config=configs/gradient_flow.py:single", "--config.data.name=mnist",
+        f"--config.data.data_dir={data_dir}", f"--workdir={tmp_path / 'work'}",
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gradient_flow: error:") and "mnist" in last and data_dir in last
+    proc = _cli("--config=configs/gradient_flow.py:single", "--config.model.dept=3",
+                f"--workdir={tmp_path / 'work'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "dept" in proc.stderr.strip().splitlines()[-1]
