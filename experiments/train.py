@@ -33,6 +33,11 @@ Statuses:
   does not apply it). The step and the first parameter with a non-finite gradient are logged
   and kept in the summary. No checkpoint is written: the latest one is the last good state.
 
+Config: configs/train.py documents every field. `config.model` holds every `build_model`
+field (`model_config`), so any of them is a typed command-line override; `residual_scale` is a
+string there, a number or 'learnable'. `check_config` rejects a bad value naming the field and
+what it allows, before anything is compiled.
+
 Restarting with the same `--workdir` resumes from the latest checkpoint (records written after
 it are dropped from `metrics.jsonl` and TensorBoard). The loop syncs with the device once per
 step, to stop at the exact failing step.
@@ -43,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import threading
