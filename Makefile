@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo zoo test install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/python -m experiments.gradient_flow --config=configs/gradient_flow.py --workdir=runs/gradient_flow
+
+zoo: $(STAMP)
 	$(VENV)/bin/python -m experiments.zoo
 
 test: $(STAMP)
