@@ -274,23 +274,31 @@ def _spectral(f: Callable[[Array], Array], x: Array, key, options: Options):
     _, vjp = jax.vjp(f, x)
     tiny = jnp.finfo(x.dtype).tiny
 
-    def normalize(v):
-        norms = jnp.sqrt(_sq_norm(v, 1))
-        return v / jnp.maximum(norms, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
+    def norms(v):
+        # ||v^(i)|| scaled by max |v^(i)| first, so that it neither overflows nor underflows
+        # where the norm itself is representable (sigma_max can be 1e20 in exploding nets).
+        scale = jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
+        safe = jnp.maximum(scale, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
+        return scale * jnp.sqrt(_sq_norm(v / safe, 1))
+
+    def normalize(v, n):
+        return v / jnp.maximum(n, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
 
     def step(state):
         v, sigma, _, it = state
         jv = jax.jvp(f, (x,), (v,))[1]
-        new_sigma = jnp.sqrt(_sq_norm(jv, 1))  # ||J v|| with ||v|| = 1: Rayleigh estimate.
-        (jtjv,) = vjp(jv)
+        new_sigma = norms(jv)  # ||J v|| with ||v|| = 1: the Rayleigh estimate of sigma_max.
+        # J^T (J v / ||J v||) points along J^T J v with norm ~sigma, not sigma^2.
+        (w,) = vjp(normalize(jv, new_sigma))
         change = jnp.abs(new_sigma - sigma) / jnp.maximum(new_sigma, tiny)
-        return normalize(jtjv), new_sigma, jnp.max(change), it + 1
+        return normalize(w, norms(w)), new_sigma, jnp.max(change), it + 1
 
     def not_done(state):
         _, _, change, it = state
         return (it < options.power_iterations) & (change > options.power_tol)
 
-    v0 = normalize(jax.random.normal(key, x.shape, x.dtype))
+    v0 = jax.random.normal(key, x.shape, x.dtype)
+    v0 = normalize(v0, norms(v0))
     batch = x.shape[0]
     init = (v0, jnp.zeros((batch,), x.dtype), jnp.array(jnp.inf, x.dtype), jnp.array(0))
     v, sigma, change, iterations = jax.lax.while_loop(not_done, step, init)

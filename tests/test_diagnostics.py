@@ -221,6 +221,14 @@ def test_hutchinson_and_power_iteration_agree_with_exact_values_within_their_tol
     assert np.all(np.asarray(exact["jac_spectral_rel_change"]) <= 1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e10, 1e30])
+def test_power_iteration_neither_overflows_nor_underflows(scale):
+    # sigma_max of J = scale * I is `scale` (float32: sigma^2 = 1e60 would overflow).
+    x = jnp.ones((2, 4))
+    sigma, change, _ = dg._spectral(lambda z: scale * z, x, jax.random.key(0), dg.Options())
+    np.testing.assert_allclose(sigma, [scale, scale], rtol=1e-5)
+
+
 def test_power_iteration_reports_non_convergence():
     fields = dict(family="mlp", depth=2, width=16, activation="tanh")
     x = jax.random.normal(jax.random.key(9), (3, 16))
