@@ -608,6 +608,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     reporting.quiet_library_logs()
+    if flags.FLAGS.distributed:
+        # Before any other JAX call: one process per host, each with its local devices; the
+        # ('data',) mesh then spans every device of every process.
+        parallel.initialize_distributed(
+            flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
+        )
     summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     if summary["status"] == "stopped_nonfinite":
         raise SystemExit(1)
@@ -617,5 +623,10 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.json.")
+    flags.DEFINE_bool("distributed", False, "Multi-process run: call jax.distributed.initialize "
+                      "(auto-detects SLURM / TPU pods / ... when the flags below are unset).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit set-up).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (explicit set-up).")
+    flags.DEFINE_integer("process_id", None, "This process's index (explicit set-up).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
