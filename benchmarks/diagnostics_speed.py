@@ -5,7 +5,8 @@
 
 1. Per-layer statistics without Jacobians (`Options(jacobians=False, end_to_end=False)`:
    fwd_sq, channel statistics, act_grad_sq, param_grad_norm, loss) of a CIFAR ResNet-56 (v1,
-   batch norm) vs one training step of the same model (`resflax.train.make_train_step`: forward,
+   batch norm; `scan=False` by default: XLA:CPU runs convolutions inside a scan an order of
+   magnitude slower, see benchmarks/train_throughput.json) vs one training step of the same model (`resflax.train.make_train_step`: forward,
    backward, SGD momentum + weight decay update, non-finite guard), both jitted, same batch of
    32x32x3 inputs. The two are timed alternately (so load from other processes hits both) and
    the medians compared. Target: ratio <= 1.3.
@@ -18,8 +19,8 @@
    compiled program (temporary buffers) and the dense Jacobians' size.
 3. Compile time of the full diagnostics (`Options()`, Jacobians and end-to-end included) for
    CIFAR ResNet depth 20 vs 1202 and MLP depth 10 vs 10,000 (`jax.jit(...).lower(...)` and
-   `.compile()` timed separately, abstract inputs: nothing is initialized or run). Repeated
-   blocks are one `nn.scan`, so the ratios should stay near 1.
+   `.compile()` timed separately, abstract inputs: nothing is initialized or run; the fastest of
+   two compiles of each). Repeated blocks are one `nn.scan`, so the ratios should stay near 1.
 
 XLA flags are whatever the environment says (default: XLA's default CPU optimization; the
 entry points' `--xla_backend_optimization_level=0` is not applied here). Timings on a shared
@@ -43,7 +44,9 @@ from resflax import build_model, costs, diagnostics, parallel, train
 
 flags.DEFINE_integer("cifar_batch", 128, "Part 1 batch size.")
 flags.DEFINE_integer("cifar_depth", 56, "Part 1 CIFAR ResNet depth.")
-flags.DEFINE_integer("repeats", 5, "Timed runs per program (median), after one warm-up.")
+flags.DEFINE_bool("cifar_scan", False, "Part 1: repeated blocks as one nn.scan (slow convs on "
+                  "XLA:CPU, see benchmarks/train_throughput.json).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per program (median), after one warm-up.")
 flags.DEFINE_integer("mlp_width", 1024, "Part 2 MLP width.")
 flags.DEFINE_integer("mlp_depth", 4, "Part 2 MLP blocks.")
 flags.DEFINE_integer("mlp_batch", 4, "Part 2 batch size.")
@@ -54,6 +57,10 @@ FLAGS = flags.FLAGS
 
 OPTIM = dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4,
              weight_decay_mask="all", schedule="piecewise", boundaries=(32000, 48000))
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _arrays_only(out: dict) -> dict:
@@ -90,10 +97,13 @@ def _time(fn, repeats: int) -> list[float]:
 
 def part1(repeats: int) -> dict:
     depth, batch = FLAGS.cifar_depth, FLAGS.cifar_batch
-    model = build_model(dict(family="cifar_resnet", block="v1", depth=depth, width=16))
+    model = build_model(
+        dict(family="cifar_resnet", block="v1", depth=depth, width=16, scan=FLAGS.cifar_scan)
+    )
     rs = np.random.RandomState(0)
     images = rs.randn(batch, 32, 32, 3).astype(np.float32)
     labels = rs.randint(0, 10, batch).astype(np.int32)
+    _log(f"part 1: ResNet-{depth}, batch {batch}: initializing")
     mesh = parallel.make_mesh()
     data = parallel.global_batch(mesh, {"image": images, "label": labels})
     state = train.create_train_state(model, OPTIM, jax.random.key(0), data["image"], mesh)
@@ -105,10 +115,12 @@ def part1(repeats: int) -> dict:
         model, diagnostics.Options(jacobians=False, end_to_end=False)
     )
     key = jax.random.key(1)
+    _log("part 1: compiling the diagnostics")
     diag_compiled, lower_s, compile_s = _compile(
         lambda v, x, y, k: _arrays_only(diag(v, x, y, k)), variables, data["image"],
         data["label"], key,
     )
+    _log(f"part 1: compiled in {lower_s + compile_s:.1f} s; compiling the training step")
     start = time.perf_counter()
     state, metrics = step(state, data)  # Compiles the step; the state is donated.
     jax.block_until_ready(metrics)
@@ -123,14 +135,17 @@ def part1(repeats: int) -> dict:
     def diag_once():
         return diag_compiled(variables, data["image"], data["label"], key)
 
+    _log(f"part 1: step compiled in {step_compile_s:.1f} s; warming up")
     jax.block_until_ready(train_once())
     jax.block_until_ready(diag_once())
+    _log("part 1: timing")
     diag_s, train_s = [], []
     for _ in range(repeats):  # Alternate, so that both see the same background load.
         diag_s.append(_seconds(diag_once))
         train_s.append(_seconds(train_once))
     result = dict(
-        model=f"cifar_resnet v1 depth {depth} (ResNet-{depth}), width 16, batch norm",
+        model=f"cifar_resnet v1 depth {depth} (ResNet-{depth}), width 16, batch norm, "
+        f"scan={FLAGS.cifar_scan}",
         num_params=costs.count_params(state.params),
         batch_size=batch,
         diagnostics_options="Options(jacobians=False, end_to_end=False)",
@@ -164,6 +179,7 @@ def part2(repeats: int) -> dict:
     _, signals = model.apply(variables, x)
     options = diagnostics.Options(fro_method="hutchinson", num_probes=1)
     key = jax.random.key(2)
+    _log(f"part 2: MLP width {width}, depth {depth}, batch {batch}: compiling")
 
     power, power_lower, power_compile = _compile(
         lambda v, s, k: _arrays_only(
@@ -188,6 +204,7 @@ def part2(repeats: int) -> dict:
         return jax.lax.map(one_block, (params, inputs))  # [L, B]
 
     dense_compiled, dense_lower, dense_compile = _compile(dense, params, inputs)
+    _log("part 2: timing")
     power_s = _time(lambda: power(variables, signals, key), repeats)
     dense_s = _time(lambda: dense_compiled(params, inputs), repeats)
     sigma_power = np.asarray(power(variables, signals, key)["jac_spectral"])  # [L], batch mean
@@ -221,6 +238,7 @@ def part2(repeats: int) -> dict:
 
 
 def _compile_time(fields: dict, input_shape: tuple[int, ...], batch: int = 8) -> dict:
+    _log(f"part 3: compiling the diagnostics of {fields}")
     model = build_model(fields)
     x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
     y = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -234,7 +252,8 @@ def _compile_time(fields: dict, input_shape: tuple[int, ...], batch: int = 8) ->
                 lower_s=lower_s, compile_s=compile_s, total_s=lower_s + compile_s)
 
 
-def part3() -> dict:
+def part3(rounds: int = 2) -> dict:
+    """Each model compiled `rounds` times, small and large alternately; the fastest counts."""
     pairs = {
         "cifar_resnet": [dict(family="cifar_resnet", block="v1", depth=d, width=16)
                          for d in (20, 1202)],
@@ -243,10 +262,17 @@ def part3() -> dict:
     }
     shapes = {"cifar_resnet": (32, 32, 3), "mlp": (64,)}
     result = {}
-    for family, (small, large) in pairs.items():
-        a, b = _compile_time(small, shapes[family]), _compile_time(large, shapes[family])
-        result[family] = dict(small=a, large=b, total_ratio=b["total_s"] / a["total_s"],
-                              compile_ratio=b["compile_s"] / a["compile_s"])
+    for family, models in pairs.items():
+        runs = [[], []]
+        for _ in range(rounds):
+            for i, fields in enumerate(models):
+                runs[i].append(_compile_time(fields, shapes[family]))
+        small, large = (min(r, key=lambda c: c["total_s"]) for r in runs)
+        for best, r in zip((small, large), runs):
+            best["total_s_all_rounds"] = [c["total_s"] for c in r]
+        result[family] = dict(small=small, large=large,
+                              total_ratio=large["total_s"] / small["total_s"],
+                              compile_ratio=large["compile_s"] / small["compile_s"])
     return result
 
 
@@ -304,6 +330,9 @@ def markdown(results: dict) -> str:
     if "3" in results:
         lines += [
             "## 3. Compile time of the full diagnostics vs depth",
+            "",
+            "`Options()` (Jacobians and end-to-end included), batch 8; fastest of 2 compiles "
+            "each, small and large alternately.",
             "",
             "| model | blocks | params | lower s | compile s | total s |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
