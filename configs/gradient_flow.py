@@ -2,17 +2,24 @@
 
     python -m experiments.gradient_flow --config=configs/gradient_flow.py --workdir=runs/gradient_flow
 
-About 80 s on 2 CPU cores (measured 1 min 22 s for `make demo`), compiling included (one program
-per net; seeds reuse it).
+About 70-80 s on 2 CPU cores, imports and compiling included (68 s wall at load ~1.5, ~45 s
+of it compiling: one program per net, which every seed reuses; `make demo` measured 1 min 22 s;
+up to ~140 s while other jobs loaded the cores). `XLA_FLAGS=--xla_backend_optimization_level=0`
+compiles these programs ~1.7x faster but runs them ~2.6x slower: no gain end to end (59 and
+67 s vs 55 and 68 s with XLA's default, alternating runs), so the app leaves the default. The
+diagnostics are `resflax.diagnostics.Options()` as is.
 
 The default preset is the demo sweep below: MLPs of width 64 on one fixed batch of 64 real
-handwritten digits, from 10 to 1,000 blocks, 2 seeds each. It shows (DESIGN sections 3-4):
-- plain nets: Glorot on ReLU halves the squared gradient per layer (chi_1 = 1/2), He keeps it
-  (chi_1 = 1); tanh with Glorot vanishes slowly, sigmoid vanishes fast (to 0.0 in float32);
-  batch norm in a plain net makes gradients explode towards the input;
-- v1 (post-activation) without norm: the signal doubles per block (2^100 at 100 blocks);
-- v2 (pre-activation): without norm the signal doubles per block too, with batch norm it grows
-  linearly (De & Smith 2020) and gradients reach the input of a 1,000-block net intact.
+handwritten digits, from 10 to 1,000 blocks, 2 seeds each. It shows (DESIGN sections 3-4), in
+act_grad_sq[0] / act_grad_sq[L] over 100 blocks:
+- plain nets: Glorot on ReLU halves the squared gradient per layer (chi_1 = 1/2: 2e-30 ~ 2^-100),
+  He keeps it of order 1 (chi_1 = 1); tanh with Glorot vanishes slowly (1e-3), sigmoid fast (to
+  0.0 in float32; the theory says ~1e-128); batch norm in a plain net makes gradients explode
+  towards the input (~3e17);
+- v1 (post-activation) without norm: the signal doubles per block and overflows float32 (inf);
+- v2 (pre-activation): without norm the signal doubles per block too (~1e29); with batch norm
+  it grows linearly (De & Smith 2020), and the gradient only by ~600 over 100 blocks and ~2e4
+  over 1,000 blocks.
 The mean-field theory (`resflax.theory.predict`) is drawn dashed where it applies (plain MLPs
 without norm, v2 MLPs with and without batch norm).
 

@@ -46,26 +46,21 @@ import sys
 import time
 from typing import Any, Mapping
 
-# XLA's CPU backend optimizations cost more compile time than they save on these small
-# programs; see the measurement in configs/gradient_flow.py. Set before jax is imported;
-# a caller's own XLA_FLAGS win.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from experiments import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.train import model_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resflax import costs, data, diagnostics, theory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resflax.models import FIELDS, build_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import reporting
+from experiments.train import model_fields
+from resflax import costs, data, diagnostics, theory
+from resflax.models import FIELDS, build_model
 
 RESULTS_FILE = "results.json"
 PLOT_FILES = ("act_grad_sq.png", "fwd_sq.png", "jac_spectral.png")
