@@ -380,24 +380,30 @@ def end_to_end_jacobian_statistics(
         return x_last
 
     kf, ks = jax.random.split(key)
-    fro_sq, se_sq, exact = _fro_sq(body, x0, kf, options)
-    sigma, change, iterations = _spectral(body, x0, ks, options)
     dim_in = x0[0].size
     dim_out = math.prod(jax.eval_shape(body, x0).shape[1:])
-    result = dict(
+    singular_values = None
+    if max(dim_in, dim_out) <= options.singular_values_max_dim:
+        singular_values = jnp.linalg.svd(per_example_jacobian(body, x0), compute_uv=False)
+    exact = options.fro_method == "exact" or (
+        options.fro_method == "auto" and dim_in <= options.exact_max_dim
+    )
+    if exact and singular_values is not None:
+        # The dense Jacobian is already there: ||J||_F^2 = sum of squared singular values.
+        fro_sq = jnp.sum(jnp.square(singular_values), axis=-1)
+        se_sq = jnp.zeros_like(fro_sq)
+    else:
+        fro_sq, se_sq, exact = _fro_sq(body, x0, kf, options)
+    sigma, change, iterations = _spectral(body, x0, ks, options)
+    return dict(
         e2e_jac_fro_sq=jnp.mean(fro_sq) / dim_in,
         e2e_jac_fro_sq_stderr=jnp.sqrt(jnp.sum(se_sq)) / x0.shape[0] / dim_in,
         e2e_jac_fro_method="exact" if exact else "hutchinson",
         e2e_jac_spectral=jnp.mean(sigma),
         e2e_jac_spectral_rel_change=change,
         e2e_jac_spectral_iterations=iterations,
-        e2e_singular_values=None,
+        e2e_singular_values=singular_values,
     )
-    if max(dim_in, dim_out) <= options.singular_values_max_dim:
-        result["e2e_singular_values"] = jnp.linalg.svd(
-            per_example_jacobian(body, x0), compute_uv=False
-        )
-    return result
 
 
 def per_example_jacobian(f: Callable[[Array], Array], x: Array) -> Array:
