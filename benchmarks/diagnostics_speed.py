@@ -41,6 +41,7 @@ from absl import app, flags
 
 from experiments import reporting
 from resflax import build_model, costs, diagnostics, parallel, train
+from configs import cifar10_he2015
 
 flags.DEFINE_integer("cifar_batch", 128, "Part 1 batch size.")
 flags.DEFINE_integer("cifar_depth", 56, "Part 1 CIFAR ResNet depth.")
@@ -55,8 +56,8 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "diagnostics_
                     "Output path without extension (.json and .md are written).")
 FLAGS = flags.FLAGS
 
-OPTIM = dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4,
-             weight_decay_mask="all", schedule="piecewise", boundaries=(32000, 48000))
+# He et al. 2015's recipe, from its one source: the CIFAR-10 config.
+OPTIM = cifar10_he2015.get_config().optim
 
 
 def _log(message: str) -> None:

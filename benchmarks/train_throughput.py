@@ -26,6 +26,7 @@ from absl import app, flags
 
 from experiments import reporting
 from resflax import build_model, parallel, train
+from configs import cifar10_he2015
 
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth (6n+2).")
@@ -35,8 +36,8 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "train_throug
                     "Output JSON file.")
 FLAGS = flags.FLAGS
 
-OPTIM = dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4,
-             weight_decay_mask="all", schedule="piecewise", boundaries=(32000, 48000))
+# He et al. 2015's recipe, from its one source: the CIFAR-10 config.
+OPTIM = cifar10_he2015.get_config().optim
 
 
 def measure(scan: bool) -> dict:
