@@ -72,6 +72,7 @@ class Block(nn.Module):
         branch ends in a weight layer (v2, or no norm), that layer, so the branch is 0 at init.
       residual_scale: alpha, a float, or 'learnable' for a scalar parameter initialized to 0
         (SkipInit, De & Smith 2020; ReZero, Bachlechner et al. 2020).
+      conv_impl: convolution implementation, see `layers.Conv` ('auto', 'canonical', 'xla').
     """
 
     kind: str
@@ -88,6 +89,7 @@ class Block(nn.Module):
     shortcut: str = "B"
     zero_init_residual: bool = False
     residual_scale: Any = 1.0
+    conv_impl: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -118,10 +120,11 @@ class Block(nn.Module):
         if self.dense:
             return nn.Dense(**common)
         pad = kernel // 2
-        return nn.Conv(
+        return layers.Conv(
             kernel_size=(kernel, kernel),
             strides=(strides, strides),
             padding=((pad, pad), (pad, pad)),
+            impl=self.conv_impl,
             **common,
         )
 

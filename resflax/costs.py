@@ -1,7 +1,8 @@
 """Static costs of a model, read off its traced program: parameters, multiply-adds, program size.
 
-Multiply-adds are counted exactly from the jaxpr: every `conv_general_dilated` contributes
-`prod(out.shape) * prod(kernel.shape) / out_features` and every `dot_general`
+Multiply-adds are counted exactly from the jaxpr: every convolution (`conv_general_dilated`,
+or `resflax.conv`'s canonical `conv_p`) contributes `prod(out.shape) * prod(kernel.shape) /
+out_features` and every `dot_general`
 `prod(out.shape) * prod(contracted dims)`; the body of a `scan` counts `length` times. Normalization,
 activations, pooling and additions are not multiply-adds and are not counted (the convention of
 He et al. 2015, whose ResNet-20 does 40.55 M multiply-adds per 32x32 image).
@@ -14,6 +15,8 @@ from typing import Any, Callable
 
 import jax
 from jax.extend import core as jex_core
+
+from resflax import conv
 
 
 def count_params(tree: Any) -> int:
@@ -43,6 +46,9 @@ def _macs(jaxpr) -> int:
             out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
             out = eqn.outvars[0].aval.shape
             total += math.prod(out) * math.prod(rhs) // rhs[out_feature_dim]
+        elif eqn.primitive is conv.conv_p:  # NHWC x HWIO: the output features are last.
+            rhs = eqn.invars[1].aval.shape
+            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs[:3])
         elif name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape

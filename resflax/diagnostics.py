@@ -315,7 +315,7 @@ def block_jacobian_statistics(
     """
     frozen = model.clone(freeze_norm_stats=True)
     fro, stderr, spectral, change, iters, exact_flags = [], [], [], [], [], []
-    prev_last = signals[0][-1]
+    prev_last, first_block = signals[0][-1], 0
     for k, (path, factory, length, stacked) in enumerate(frozen.segments()):
         outputs = signals[k + 1]
         # x_{l-1} for each block of the segment, [n, B, ...]; only a segment's first block can
@@ -326,7 +326,8 @@ def block_jacobian_statistics(
         block_vars = _block_variables(variables, path)
         if not stacked:
             block_vars = jax.tree.map(lambda a: a[None], block_vars)
-        keys = jax.random.split(jax.random.fold_in(key, k), length)
+        # Block l's random probes come from fold_in(key, l): the same with or without scan.
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_block + jnp.arange(length))
         dim = inputs[0, 0].size
 
         def one_block(args, factory=factory):
@@ -352,7 +353,7 @@ def block_jacobian_statistics(
             options.fro_method == "exact"
             or (options.fro_method == "auto" and dim <= options.exact_max_dim)
         )
-        prev_last = outputs[-1]
+        prev_last, first_block = outputs[-1], first_block + length
     methods = {"exact" if e else "hutchinson" for e in exact_flags}
     return dict(
         jac_fro_sq=_concat(fro),
@@ -446,6 +447,7 @@ def make_diagnostics(model: Network, options: Options = Options()):
         arrays = jitted(variables, inputs, labels, key)
         return {**arrays, **static}
 
+    fn.lower = jitted.lower  # For inspecting the compiled program (HLO, cost, memory).
     return fn
 
 

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resflax import conv as conv_lib
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -35,7 +37,8 @@ def lookup(registry: Mapping[str, Any], name: str, field: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Activations: elementwise, jax-differentiable (theory.py integrates them by Gauss-Hermite).
+# Activations: elementwise, jax-differentiable (theory.py integrates them by panelled
+# Gauss-Legendre quadrature).
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "identity": lambda x: x,
@@ -230,3 +233,44 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
 
 def norm(name: str) -> Callable[..., nn.Module]:
     return lookup(NORMS, name, "norm")
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution: the one conv layer of every block and stem.
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC input and HWIO kernel: `x [B, H, W, C_in] -> [B, H', W', features]`.
+
+    The same parameters as `flax.linen.Conv` (`kernel [kh, kw, C_in, features]`, optional `bias
+    [features]`) and the same numbers; the convolution is `resflax.conv.conv2d`, whose
+    derivatives of every order stay canonical convolutions, so that XLA:CPU runs them on its fast
+    kernels inside `nn.scan` and the diagnostics' loops too. `impl`: 'auto' (that convolution on
+    CPU, `lax.conv_general_dilated` on GPU/TPU), 'canonical' or 'xla'.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv_lib.conv2d(x, kernel, self.strides, self.padding, impl=self.impl)
+        if bias is not None:
+            y = y + bias
+        return y

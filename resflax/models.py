@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resflax import layers
+from resflax import conv, layers
 from resflax.blocks import BLOCK_KINDS, BOTTLENECK_EXPANSION, SHORTCUTS, Block
 
 Array = jax.Array
@@ -68,6 +68,7 @@ _COMMON_DEFAULTS = dict(
     param_dtype="float32",
     remat=False,
     scan=True,
+    conv_impl="auto",
 )
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -160,6 +161,7 @@ def resolve_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     layers.lookup(layers.NORMS, resolved["norm"], "norm")
     _check_choice(resolved, "dtype", DTYPES)
     _check_choice(resolved, "param_dtype", DTYPES)
+    _check_choice(resolved, "conv_impl", conv.IMPLS)
     _check_int(resolved, "depth", 1)
     _check_int(resolved, "width", 1)
     _check_int(resolved, "num_classes", 1)
@@ -308,6 +310,7 @@ class Network(nn.Module):
     param_dtype: str
     remat: bool
     scan: bool
+    conv_impl: str
     freeze_norm_stats: bool = False
 
     # ----- pieces, derived from the fields (pure Python; usable on an unbound module) -----
@@ -342,6 +345,7 @@ class Network(nn.Module):
             shortcut=self.shortcut,
             zero_init_residual=self.zero_init_residual,
             residual_scale=self.residual_scale,
+            conv_impl=self.conv_impl,
             **self._dtypes(),
         )
 
@@ -403,12 +407,13 @@ class Network(nn.Module):
             kernel = 3 if self.family == "cifar_resnet" else 7
             strides = 1 if self.family == "cifar_resnet" else 2
             pad = kernel // 2
-            self.stem_layer = nn.Conv(
+            self.stem_layer = layers.Conv(
                 self.width,
                 (kernel, kernel),
                 strides=(strides, strides),
                 padding=((pad, pad), (pad, pad)),
                 use_bias=use_bias,
+                impl=self.conv_impl,
                 kernel_init=kernel_init,
                 bias_init=bias_init,
                 **dtypes,
@@ -505,6 +510,8 @@ def build_model(fields: Mapping[str, Any]) -> Network:
       dtype, param_dtype: compute and parameter dtypes ('float32', 'bfloat16', 'float64', ...).
       remat: recompute block activations in the backward pass (memory bounded in depth).
       scan: repeated blocks as one `nn.scan` (default; compile time flat in depth).
+      conv_impl: 'auto' (default: `resflax.conv`'s canonical convolution on CPU, XLA's own on
+        GPU/TPU), 'canonical' or 'xla'; same numbers, only speed differs.
     """
     if hasattr(fields, "to_dict"):
         fields = fields.to_dict()
