@@ -28,6 +28,9 @@ How each is computed:
   `||J||_F^2 = sum_k ||J e_k||^2`), otherwise Hutchinson's estimator with Rademacher probes,
   `||J||_F^2 = E_v ||J v||^2`, `num_probes` per example; `jac_fro_method` records which, and
   `jac_fro_sq_stderr` its standard error (0 when exact).
+- Every Jacobian map is linearized once (`jax.linearize`; the vjp is the transpose of that linear
+  map), so each probe or power-iteration step costs one tangent pass (and one transposed pass),
+  not a fresh forward pass as well.
 - Spectral norms: power iteration on `J^T J` (`jvp` then `vjp`), never a dense Jacobian; stops
   after `power_iterations` or when every example's estimate changes by less than `power_tol`
   (relative); `jac_spectral_rel_change` and `jac_spectral_iterations` report convergence. The
@@ -233,8 +236,22 @@ def _rademacher(key, shape, dtype):
     return jax.random.rademacher(key, shape, dtype=dtype)
 
 
-def _fro_sq(f: Callable[[Array], Array], x: Array, key, options: Options):
-    """Per-example `||J^(i)||_F^2` of a batch map `f` with block-diagonal Jacobian.
+def _linear_maps(f: Callable[[Array], Array], x: Array):
+    """`(v -> J v, u -> J^T u)` of `f` at `x`, from ONE forward pass.
+
+    `jax.linearize` evaluates `f` once and keeps what the tangent map needs; the transpose of
+    that linear map is the vjp and reuses the same residuals. Repeated products (power
+    iteration, probes) then cost a tangent pass each, not a forward pass plus a tangent pass
+    as `jax.jvp` would.
+    """
+    _, jvp_fn = jax.linearize(f, x)
+    transpose = jax.linear_transpose(jvp_fn, x)
+    return jvp_fn, lambda u: transpose(u)[0]
+
+
+def _fro_sq(jvp_fn: Callable[[Array], Array], x: Array, key, options: Options):
+    """Per-example `||J^(i)||_F^2` of a batch map with block-diagonal Jacobian, from its
+    tangent map `jvp_fn(v) = J v` at `x`.
 
     Returns `(fro_sq [B], stderr_sq [B], exact: bool)`.
     """
@@ -248,14 +265,14 @@ def _fro_sq(f: Callable[[Array], Array], x: Array, key, options: Options):
         def column_sq(k):
             e = jax.nn.one_hot(k, dim, dtype=x.dtype).reshape(x.shape[1:])
             tangent = jnp.broadcast_to(e, x.shape)
-            return _sq_norm(jax.jvp(f, (x,), (tangent,))[1], 1)  # [B]
+            return _sq_norm(jvp_fn(tangent), 1)  # [B]
 
         cols = jax.lax.map(column_sq, jnp.arange(dim), batch_size=min(dim, 64))  # [dim, B]
         return jnp.sum(cols, axis=0), jnp.zeros((batch,), x.dtype), True
 
     def probe_sq(k):
         v = _rademacher(k, x.shape, x.dtype)
-        return _sq_norm(jax.jvp(f, (x,), (v,))[1], 1)  # [B]
+        return _sq_norm(jvp_fn(v), 1)  # [B]
 
     samples = jax.lax.map(probe_sq, jax.random.split(key, options.num_probes))  # [P, B]
     mean = jnp.mean(samples, axis=0)
@@ -266,12 +283,12 @@ def _fro_sq(f: Callable[[Array], Array], x: Array, key, options: Options):
     return mean, stderr_sq, False
 
 
-def _spectral(f: Callable[[Array], Array], x: Array, key, options: Options):
-    """Per-example `sigma_max(J^(i))` by power iteration on `J^T J` (jvp + vjp).
+def _spectral(jvp_fn, vjp_fn, x: Array, key, options: Options):
+    """Per-example `sigma_max(J^(i))` by power iteration on `J^T J`, from the tangent map
+    `jvp_fn(v) = J v` and its transpose `vjp_fn(u) = J^T u` at `x`.
 
     Returns `(sigma [B], max relative change at the last iteration, iterations)`.
     """
-    _, vjp = jax.vjp(f, x)
     tiny = jnp.finfo(x.dtype).tiny
 
     def norms(v):
@@ -286,10 +303,10 @@ def _spectral(f: Callable[[Array], Array], x: Array, key, options: Options):
 
     def step(state):
         v, sigma, _, it = state
-        jv = jax.jvp(f, (x,), (v,))[1]
+        jv = jvp_fn(v)
         new_sigma = norms(jv)  # ||J v|| with ||v|| = 1: the Rayleigh estimate of sigma_max.
         # J^T (J v / ||J v||) points along J^T J v with norm ~sigma, not sigma^2.
-        (w,) = vjp(normalize(jv, new_sigma))
+        w = vjp_fn(normalize(jv, new_sigma))
         change = jnp.abs(new_sigma - sigma) / jnp.maximum(new_sigma, tiny)
         return normalize(w, norms(w)), new_sigma, jnp.max(change), it + 1
 
@@ -334,8 +351,9 @@ def block_jacobian_statistics(
             bvars, x, bkey = args
             f = lambda z: _apply_block(factory, bvars, z, options.train)
             kf, ks = jax.random.split(bkey)
-            fro_sq, se_sq, _ = _fro_sq(f, x, kf, options)
-            sigma, rel_change, n_iter = _spectral(f, x, ks, options)
+            jvp_fn, vjp_fn = _linear_maps(f, x)
+            fro_sq, se_sq, _ = _fro_sq(jvp_fn, x, kf, options)
+            sigma, rel_change, n_iter = _spectral(jvp_fn, vjp_fn, x, ks, options)
             return (
                 jnp.mean(fro_sq) / dim,
                 jnp.sqrt(jnp.sum(se_sq)) / x.shape[0] / dim,
@@ -383,9 +401,10 @@ def end_to_end_jacobian_statistics(
     kf, ks = jax.random.split(key)
     dim_in = x0[0].size
     dim_out = math.prod(jax.eval_shape(body, x0).shape[1:])
+    jvp_fn, vjp_fn = _linear_maps(body, x0)
     singular_values = None
     if max(dim_in, dim_out) <= options.singular_values_max_dim:
-        singular_values = jnp.linalg.svd(per_example_jacobian(body, x0), compute_uv=False)
+        singular_values = jnp.linalg.svd(_dense_jacobian(jvp_fn, x0), compute_uv=False)
     exact = options.fro_method == "exact" or (
         options.fro_method == "auto" and dim_in <= options.exact_max_dim
     )
@@ -394,8 +413,8 @@ def end_to_end_jacobian_statistics(
         fro_sq = jnp.sum(jnp.square(singular_values), axis=-1)
         se_sq = jnp.zeros_like(fro_sq)
     else:
-        fro_sq, se_sq, exact = _fro_sq(body, x0, kf, options)
-    sigma, change, iterations = _spectral(body, x0, ks, options)
+        fro_sq, se_sq, exact = _fro_sq(jvp_fn, x0, kf, options)
+    sigma, change, iterations = _spectral(jvp_fn, vjp_fn, x0, ks, options)
     return dict(
         e2e_jac_fro_sq=jnp.mean(fro_sq) / dim_in,
         e2e_jac_fro_sq_stderr=jnp.sqrt(jnp.sum(se_sq)) / x0.shape[0] / dim_in,
@@ -410,11 +429,15 @@ def end_to_end_jacobian_statistics(
 def per_example_jacobian(f: Callable[[Array], Array], x: Array) -> Array:
     """`[B, dim_out, dim_in]`: the Jacobian of each example, for a batch map with
     block-diagonal Jacobian (one `jvp` per input basis vector, shared by all examples)."""
+    return _dense_jacobian(jax.linearize(f, x)[1], x)
+
+
+def _dense_jacobian(jvp_fn: Callable[[Array], Array], x: Array) -> Array:
     dim = x[0].size
 
     def column(k):
         e = jax.nn.one_hot(k, dim, dtype=x.dtype).reshape(x.shape[1:])
-        out = jax.jvp(f, (x,), (jnp.broadcast_to(e, x.shape),))[1]
+        out = jvp_fn(jnp.broadcast_to(e, x.shape))
         return out.reshape(x.shape[0], -1)  # [B, dim_out]
 
     cols = jax.lax.map(column, jnp.arange(dim), batch_size=min(dim, 64))  # [dim_in, B, dim_out]

@@ -225,7 +225,8 @@ def test_hutchinson_and_power_iteration_agree_with_exact_values_within_their_tol
 def test_power_iteration_neither_overflows_nor_underflows(scale):
     # sigma_max of J = scale * I is `scale` (float32: sigma^2 = 1e60 would overflow).
     x = jnp.ones((2, 4))
-    sigma, change, _ = dg._spectral(lambda z: scale * z, x, jax.random.key(0), dg.Options())
+    jvp_fn, vjp_fn = dg._linear_maps(lambda z: scale * z, x)
+    sigma, change, _ = dg._spectral(jvp_fn, vjp_fn, x, jax.random.key(0), dg.Options())
     np.testing.assert_allclose(sigma, [scale, scale], rtol=1e-5)
 
 
