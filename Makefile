@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo zoo test install clean
+.PHONY: demo zoo test bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ zoo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n auto -q tests
+
+# Speed measurements (not part of `make test`): each script writes JSON under benchmarks/results/.
+# Adds PyTorch (the peer of the train-step benchmark) to the environment.
+bench: $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	$(VENV)/bin/python -m benchmarks.train_step
+	$(VENV)/bin/python -m benchmarks.compile_depth
+	$(VENV)/bin/python -m benchmarks.diagnostics_speed
 
 clean:
 	rm -rf $(VENV) *.egg-info

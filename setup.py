@@ -28,6 +28,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
+        # The PyTorch peer of benchmarks/train_step.py (`make bench`); never needed otherwise.
+        "bench": ["torch>=2.4"],
         # Only for preparing datasets that tfds downloads and encodes with TensorFlow
         # (cifar10, imagenet2012, ...). Reading prepared data never needs it.
         # tfds 4.9.x needs importlib_resources to locate builder code, but declares it only for
