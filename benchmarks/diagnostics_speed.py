@@ -1,12 +1,12 @@
 """What the exact diagnostics cost, measured against what they replace, on this machine.
 
-    python -m benchmarks.diagnostics_speed     # ~5-10 min on 2 CPU cores; writes
-                                               # benchmarks/diagnostics_speed.{json,md}
+    python -m benchmarks.diagnostics_speed     # ~10 min on 2 CPU cores; writes
+                                               # benchmarks/results/diagnostics_speed.{json,md}
 
 1. Per-layer statistics without Jacobians (`Options(jacobians=False, end_to_end=False)`:
    fwd_sq, channel statistics, act_grad_sq, param_grad_norm, loss) of a CIFAR ResNet-56 (v1,
-   batch norm; `scan=False` by default: XLA:CPU runs convolutions inside a scan an order of
-   magnitude slower, see benchmarks/train_throughput.json) vs one training step of the same model (`resflax.train.make_train_step`: forward,
+   batch norm, scanned as built by default) vs one training step of the same model
+   (`resflax.train.make_train_step`: forward,
    backward, SGD momentum + weight decay update, non-finite guard), both jitted, same batch of
    32x32x3 inputs. The two are timed alternately (so load from other processes hits both) and
    the medians compared. Target: ratio <= 1.3.
@@ -21,6 +21,9 @@
    CIFAR ResNet depth 20 vs 1202 and MLP depth 10 vs 10,000 (`jax.jit(...).lower(...)` and
    `.compile()` timed separately, abstract inputs: nothing is initialized or run; the fastest of
    two compiles of each). Repeated blocks are one `nn.scan`, so the ratios should stay near 1.
+4. Everything (`Options()`: also per-block and end-to-end Jacobian Frobenius and spectral
+   norms) of CIFAR ResNet-56 and -110 at batch 64 (what `experiments.gradient_flow` computes),
+   as a multiple of one training step of the same net on the same batch.
 
 XLA flags are whatever the environment says (default: XLA's default CPU optimization; the
 entry points' `--xla_backend_optimization_level=0` is not applied here). Timings on a shared
@@ -30,7 +33,6 @@ machine are noisy: compare the ratios, measured in the same run.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 
@@ -39,20 +41,23 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import common
 from experiments import reporting
 from resflax import build_model, costs, diagnostics, parallel, train
 from configs import cifar10_he2015
 
 flags.DEFINE_integer("cifar_batch", 128, "Part 1 batch size.")
 flags.DEFINE_integer("cifar_depth", 56, "Part 1 CIFAR ResNet depth.")
-flags.DEFINE_bool("cifar_scan", False, "Part 1: repeated blocks as one nn.scan (slow convs on "
-                  "XLA:CPU, see benchmarks/train_throughput.json).")
+flags.DEFINE_bool("cifar_scan", True, "Parts 1 and 4: repeated blocks as one nn.scan.")
+flags.DEFINE_list("full_depths", ["56", "110"], "Part 4 CIFAR ResNet depths.")
+flags.DEFINE_integer("full_batch", 64, "Part 4 batch size (gradient_flow's default batch).")
+flags.DEFINE_integer("full_repeats", 1, "Part 4 timed runs of the full diagnostics.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per program (median), after one warm-up.")
 flags.DEFINE_integer("mlp_width", 1024, "Part 2 MLP width.")
 flags.DEFINE_integer("mlp_depth", 4, "Part 2 MLP blocks.")
 flags.DEFINE_integer("mlp_batch", 4, "Part 2 batch size.")
-flags.DEFINE_list("parts", ["1", "2", "3"], "Which parts to run.")
-flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "diagnostics_speed"),
+flags.DEFINE_list("parts", ["1", "2", "3", "4"], "Which parts to run.")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results", "diagnostics_speed"),
                     "Output path without extension (.json and .md are written).")
 FLAGS = flags.FLAGS
 
@@ -93,18 +98,20 @@ def _time(fn, repeats: int) -> list[float]:
     return [_seconds(fn) for _ in range(repeats)]
 
 
-# ----------------------------------------------------------------------------- part 1
+# ----------------------------------------------------------------------------- parts 1 and 4
 
 
-def part1(repeats: int) -> dict:
-    depth, batch = FLAGS.cifar_depth, FLAGS.cifar_batch
+def versus_train_step(depth: int, batch: int, options: diagnostics.Options, options_text: str,
+                      repeats: int, label: str) -> dict:
+    """Diagnostics of CIFAR ResNet-`depth` with `options` vs one training step of the same net
+    on the same batch, timed alternately (`repeats` each, after a warm-up of the step)."""
     model = build_model(
         dict(family="cifar_resnet", block="v1", depth=depth, width=16, scan=FLAGS.cifar_scan)
     )
     rs = np.random.RandomState(0)
     images = rs.randn(batch, 32, 32, 3).astype(np.float32)
     labels = rs.randint(0, 10, batch).astype(np.int32)
-    _log(f"part 1: ResNet-{depth}, batch {batch}: initializing")
+    _log(f"{label}: ResNet-{depth}, batch {batch}: initializing")
     mesh = parallel.make_mesh()
     data = parallel.global_batch(mesh, {"image": images, "label": labels})
     state = train.create_train_state(model, OPTIM, jax.random.key(0), data["image"], mesh)
@@ -112,16 +119,14 @@ def part1(repeats: int) -> dict:
     # A copy: the training step donates (deletes) the state it is given.
     variables = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
 
-    diag = diagnostics.make_diagnostics(
-        model, diagnostics.Options(jacobians=False, end_to_end=False)
-    )
+    diag = diagnostics.make_diagnostics(model, options)
     key = jax.random.key(1)
-    _log("part 1: compiling the diagnostics")
+    _log(f"{label}: compiling the diagnostics")
     diag_compiled, lower_s, compile_s = _compile(
         lambda v, x, y, k: _arrays_only(diag(v, x, y, k)), variables, data["image"],
         data["label"], key,
     )
-    _log(f"part 1: compiled in {lower_s + compile_s:.1f} s; compiling the training step")
+    _log(f"{label}: compiled in {lower_s + compile_s:.1f} s; compiling the training step")
     start = time.perf_counter()
     state, metrics = step(state, data)  # Compiles the step; the state is donated.
     jax.block_until_ready(metrics)
@@ -136,10 +141,9 @@ def part1(repeats: int) -> dict:
     def diag_once():
         return diag_compiled(variables, data["image"], data["label"], key)
 
-    _log(f"part 1: step compiled in {step_compile_s:.1f} s; warming up")
+    _log(f"{label}: step compiled in {step_compile_s:.1f} s; warming up")
     jax.block_until_ready(train_once())
-    jax.block_until_ready(diag_once())
-    _log("part 1: timing")
+    _log(f"{label}: timing")
     diag_s, train_s = [], []
     for _ in range(repeats):  # Alternate, so that both see the same background load.
         diag_s.append(_seconds(diag_once))
@@ -149,7 +153,7 @@ def part1(repeats: int) -> dict:
         f"scan={FLAGS.cifar_scan}",
         num_params=costs.count_params(state.params),
         batch_size=batch,
-        diagnostics_options="Options(jacobians=False, end_to_end=False)",
+        diagnostics_options=options_text,
         diagnostics_s=diag_s,
         train_step_s=train_s,
         diagnostics_median_s=statistics.median(diag_s),
@@ -159,6 +163,24 @@ def part1(repeats: int) -> dict:
     )
     result["ratio"] = result["diagnostics_median_s"] / result["train_step_median_s"]
     return result
+
+
+def part1(repeats: int) -> dict:
+    return versus_train_step(
+        FLAGS.cifar_depth, FLAGS.cifar_batch,
+        diagnostics.Options(jacobians=False, end_to_end=False),
+        "Options(jacobians=False, end_to_end=False)", repeats, "part 1",
+    )
+
+
+def part4() -> dict:
+    """All quantities (Jacobians and end-to-end included, `Options()`), ResNet-56 and -110."""
+    return {
+        str(depth): versus_train_step(depth, FLAGS.full_batch, diagnostics.Options(),
+                                      "Options() (everything)", FLAGS.full_repeats,
+                                      f"part 4 (depth {depth})")
+        for depth in map(int, FLAGS.full_depths)
+    }
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -286,9 +308,10 @@ def markdown(results: dict) -> str:
         "# Diagnostics speed",
         "",
         f"`python -m benchmarks.diagnostics_speed` on {env['cpu_count']} CPU cores "
-        f"({env['machine']}), jax {env['jax']}, XLA_FLAGS='{env['xla_flags']}', "
-        f"{results['wall_s']:.0f} s in all. Medians of {results['repeats']} runs after a "
-        "warm-up; the machine is shared, so compare ratios.",
+        f"({env['cpu']}), jax {env['jax']}, XLA_FLAGS='{env['xla_flags']}', {env['date_utc']}, "
+        f"load average {env['load_average_1_5_15']} at the end, {results['wall_s']:.0f} s in "
+        f"all. Medians of {results['repeats']} runs after a warm-up; the machine is shared, so "
+        "compare ratios.",
         "",
     ]
     if "1" in results:
@@ -307,6 +330,22 @@ def markdown(results: dict) -> str:
             f"**Ratio diagnostics / training step: {r['ratio']:.2f}x** (target <= 1.3x).",
             "",
         ]
+    if "4" in results:
+        lines += [
+            "## 4. Every diagnostic (Jacobians and end-to-end included) vs a training step",
+            "",
+            "`Options()`: per-block and end-to-end Frobenius norms (Hutchinson, 4 probes) and "
+            "spectral norms (power iteration, <= 50 steps), on top of part 1's quantities.",
+            "",
+            "| model | batch | diagnostics s | compile s | training step s | ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in results["4"].values():
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['diagnostics_median_s']:.1f} | "
+                f"{r['diagnostics_compile_s']:.1f} | {r['train_step_median_s']:.3f} | "
+                f"{r['ratio']:.0f}x |")
+        lines.append("")
     if "2" in results:
         r = results["2"]
         mib = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"
@@ -364,16 +403,16 @@ def main(argv):
     if "2" in FLAGS.parts:
         results["2"] = part2(FLAGS.repeats)
         print(f"2. speed-up {results['2']['speedup']:.1f}", flush=True)
+    if "4" in FLAGS.parts:
+        results["4"] = part4()
+        print("4. " + ", ".join(f"ResNet-{k} {v['ratio']:.1f}x" for k, v in results["4"].items()),
+              flush=True)
     if "3" in FLAGS.parts:
         results["3"] = part3()
         print("3. " + ", ".join(f"{k} {v['total_ratio']:.2f}" for k, v in results["3"].items()),
               flush=True)
     results["wall_s"] = time.perf_counter() - start
-    results["environment"] = dict(
-        cpu_count=os.cpu_count(), machine=platform.processor() or platform.machine(),
-        jax=jax.__version__, devices=[str(d) for d in jax.devices()],
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-    )
+    results["environment"] = common.machine()
     reporting.write_json(FLAGS.out + ".json", results)
     with open(FLAGS.out + ".md", "w") as f:
         f.write(markdown(results))

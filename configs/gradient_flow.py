@@ -1,13 +1,12 @@
-"""Gradient flow at initialization: plain vs ResNet v1 vs v2 MLPs on the embedded digits.
+"""Gradient flow at initialization: plain vs ResNet v1 vs v2 MLPs and CIFAR conv nets on the digits.
 
     python -m experiments.gradient_flow --config=configs/gradient_flow.py --workdir=runs/gradient_flow
 
-About 70-80 s on 2 CPU cores, imports and compiling included (68 s wall at load ~1.5, ~45 s
-of it compiling: one program per net, which every seed reuses; `make demo` measured 1 min 22 s;
-up to ~140 s while other jobs loaded the cores). `XLA_FLAGS=--xla_backend_optimization_level=0`
-compiles these programs ~1.7x faster but runs them ~2.6x slower: no gain end to end (59 and
-67 s vs 55 and 68 s with XLA's default, alternating runs), so the app leaves the default. The
-diagnostics are `resflax.diagnostics.Options()` as is.
+About 2 minutes on 2 CPU cores, imports and compiling included (122 s wall at load ~1.6,
+2026-11-25: the 12 MLPs take about 35 s, each CIFAR-56 twin about 14 s to compile and 6-7 s per
+seed). One program per net, which every seed reuses. `XLA_FLAGS=--xla_backend_optimization_level=0`
+compiles these programs faster but runs them ~2.6x slower: no gain end to end, so the app leaves
+the default. The diagnostics are `resflax.diagnostics.Options()` except `exact_max_dim` (below).
 
 The default preset is the demo sweep below: MLPs of width 64 on one fixed batch of 64 real
 handwritten digits, from 10 to 1,000 blocks, 2 seeds each. It shows (DESIGN sections 3-4), in
@@ -21,7 +20,13 @@ act_grad_sq[0] / act_grad_sq[L] over 100 blocks:
   it grows linearly (De & Smith 2020), and the gradient only by ~600 over 100 blocks and ~2e4
   over 1,000 blocks.
 The mean-field theory (`resflax.theory.predict`) is drawn dashed where it applies (plain MLPs
-without norm, v2 MLPs with and without batch norm).
+without norm, v2 MLPs with and without batch norm). Then He et al.'s conv twins, CIFAR plain-56,
+v1-56 and v2-56 (27 blocks each) on the same digits: the plain net's squared gradient grows ~1e7
+towards the input, the residual twins' by ~500 (v1) and ~100-170 (v2).
+
+The seeds' nets at full size (32x32x3, batch 64, 2 seeds, everything): ResNet-56 and plain-56 in
+91-92 s each on 2 cores (`:single` with the flags below and `--config.data.name=gaussian
+--config.data.input_dim='(32, 32, 3)'`).
 
 Preset `single` (`--config=configs/gradient_flow.py:single`) runs just `config.model`, and every
 field of it can be overridden, e.g.
@@ -56,6 +61,13 @@ SWEEP = (
     dict(name="v2 tanh Glorot", depth=100, block="v2", activation="tanh", init="glorot_normal"),
     dict(name="v2 relu He +BN", depth=100, block="v2", norm="batch"),
     dict(name="v2 relu He +BN L=1000", depth=1000, block="v2", norm="batch"),
+    # The convolutional twins of He et al. 2015 / 2016 (CIFAR family: 3x3 convs, widths 16-32-64,
+    # batch norm, option-A shortcuts; 56 weight layers = 27 blocks) on the same digits (8x8x1).
+    *(
+        dict(name=f"CIFAR {block}-56", family="cifar_resnet", block=block, depth=56, width=16,
+             norm="batch", shortcut="A")
+        for block in ("plain", "v1", "v2")
+    ),
 )
 
 
@@ -92,4 +104,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.diagnostics = ml_collections.ConfigDict(
         dataclasses.asdict(diagnostics.Options())
     )
+    if preset != "single":
+        # The MLPs' 64 features stay exact; the conv nets' last stage on 8x8 digits (2x2x64 =
+        # 256 features) gets Hutchinson (4 probes, standard error reported) instead of 256
+        # exact jvps per block: 5 s per net and seed.
+        config.diagnostics.exact_max_dim = 128
     return config
