@@ -26,8 +26,11 @@ Blocks (every conv 3x3, pad 1, no bias; the stride sits on the first conv):
     v2:    s(x) + conv(relu(BN(conv(relu(BN(x))))))
 
 `s` is the identity, or, where the block changes the shape (the first block of stages 1 and 2),
-option A: `x[:, :, ::2, ::2]` with zero channels appended at the END of the channel axis (in v2
-applied to the raw `x`, not to `relu(BN(x))`, as resflax does).
+option A: `x[:, :, ::2, ::2]` with zero channels appended at the END of the channel axis. In v2
+the first block of every stage applies its BN + ReLU before splitting, so its shortcut (the
+identity in stage 0, option A after) carries `relu(BN(x))` (He et al. 2016, appendix: "we adopt
+the first activation right after conv1 and before splitting into two paths"; fb.resnet.torch
+preresnet.lua, 'both_preact'); every other v2 block's shortcut is the raw `x`.
 
 BatchNorm: epsilon 1e-5; training mode normalizes with the batch mean and the *biased* batch
 variance in both frameworks, so outputs agree. The running statistics differ in one detail that
@@ -39,7 +42,8 @@ Parameter names mirror resflax's unrolled variables (`resflax.models.unroll_vari
 `stages_1/first/block/w_0/kernel` is `stages.1.first.w_0.weight` here, `.../norm_0/scale` is
 `...norm_0.weight`, batch_stats `mean`/`var` are `running_mean`/`running_var`; conv kernels HWIO
 `[kh, kw, C_in, C_out]` become OIHW, the dense head `[in, out]` becomes `[out, in]`. Stage 0 has
-no `first` block (its blocks keep the stem's shape), and a stage with n = 1 has no `rest_i`.
+no `first` block in plain/v1 (its blocks keep the stem's shape; v2 has one, see above), and a
+stage with n = 1 has no `rest_i`.
 
 For speed runs put the model and the images in `torch.channels_last`; the forward works with
 either memory format. This module is optional (only benchmarks import it); nothing runs at import.
@@ -84,8 +88,10 @@ def pad_shortcut(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tenso
 class BasicBlock(nn.Module):
     """One plain / v1 / v2 basic block: `[B, C_in, H, W] -> [B, width, H/stride, W/stride]`."""
 
-    def __init__(self, kind: str, in_channels: int, width: int, stride: int):
+    def __init__(self, kind: str, in_channels: int, width: int, stride: int,
+                 shared_preact: bool = False):
         super().__init__()
+        self.shared_preact = shared_preact
         if kind not in BLOCKS:
             raise ValueError(f"block={kind!r} is not supported; allowed values: {list(BLOCKS)}")
         self.kind, self.width, self.stride = kind, width, stride
@@ -101,9 +107,12 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "v2":
-            h = self.w_0(F.relu(self.norm_0(x), inplace=True))
+            preact = F.relu(self.norm_0(x))
+            h = self.w_0(preact)
             h = self.w_1(F.relu(self.norm_1(h), inplace=True))
-            return self._skip(x) + h
+            # The first unit of a stage splits after its pre-activation (He et al. 2016,
+            # appendix; fb.resnet.torch preresnet.lua 'both_preact'); the others on the raw x.
+            return self._skip(preact if self.shared_preact else x) + h
         h = F.relu(self.norm_0(self.w_0(x)), inplace=True)
         h = self.norm_1(self.w_1(h))
         if self.kind == "plain":
@@ -143,10 +152,12 @@ class CifarResNet(nn.Module):
         for s in range(3):
             stage_width, stride = width * 2**s, (1 if s == 0 else 2)
             blocks = collections.OrderedDict()
-            # resflax keeps a shape-changing first block apart ('first') from the repeated ones.
-            first = stride != 1 or in_channels != stage_width
+            # resflax keeps a stage's first block apart ('first') from the repeated ones when it
+            # changes the shape, or (v2) when its shortcut takes the pre-activation.
+            first = stride != 1 or in_channels != stage_width or block == "v2"
             if first:
-                blocks["first"] = BasicBlock(block, in_channels, stage_width, stride)
+                blocks["first"] = BasicBlock(block, in_channels, stage_width, stride,
+                                             shared_preact=block == "v2")
             for i in range(n - 1 if first else n):
                 blocks[f"rest_{i}"] = BasicBlock(block, stage_width, stage_width, 1)
             stages.append(nn.Sequential(blocks))

@@ -21,8 +21,8 @@ Evaluation is on the 5k validation images; for test error pass
 `--config.dataset.eval_split=test`.
 
 Time: not measured here (this project's machines have no GPU/TPU for these checks). The train
-step of ResNet-20 runs at the images/s in benchmarks/train_throughput.json on a 2-core CPU, far
-too slow for 64k steps; on one modern GPU expect minutes per thousand steps for the small nets
+step of ResNet-20 runs at ~230 images/s on a 2-core CPU (benchmarks/results/train_step.json),
+about 10 hours for 64k steps; on one modern GPU expect minutes per thousand steps for the small nets
 and hours for ResNet-1202 / ResNet-1001 (use --config.model.remat=True if memory runs out). The
 input pipeline runs in `dataset.worker_count` grain worker processes to keep up with a GPU.
 """

@@ -12,7 +12,14 @@ activation and `alpha` the residual-branch scale:
 `s` is the shortcut: the identity when the shape is kept, else option `A` (stride-subsample and
 zero-pad channels, no parameters, He et al.'s CIFAR nets) or `B` (1x1 projection, followed by the
 norm in v1); option `C` projects in every block. In v2 a projection branches off *after* the first
-`phi(N(x))`, keeping the identity path free of any norm or activation.
+`phi(N(x))`, keeping the identity path free of any norm or activation. The first v2 block of a
+stage (`preact='shared'`) applies `phi(N(x))` before splitting, so that its shortcut carries it
+too: He et al. 2016, appendix ("for the first Residual Unit (that follows a stand-alone
+convolutional layer, conv1), we adopt the first activation right after conv1 and before
+splitting into two paths"), and the authors' code (fb.resnet.torch preresnet.lua,
+'both_preact'; KaimingHe/resnet-1k-layers).
+
+    v2, shared:  x -> s(phi(N(x))) + alpha * W_k ... W_1 phi(N(x))
 
 A dense block with `layers_per_block=1`, `norm='none'` and `kind='plain'` is exactly
 `x_l = phi(W_l x_{l-1} + b_l)`, the mean-field network of Poole et al. 2016.
@@ -32,6 +39,13 @@ Array = jax.Array
 
 BLOCK_KINDS = ("plain", "v1", "v2")
 SHORTCUTS = ("A", "B", "C")
+# Where a v2 block's pre-activation phi(N(x)) sits (fb.resnet.torch preresnet.lua's block types):
+#   'residual' -- on the residual branch only; the shortcut takes the raw x (most blocks);
+#   'shared'   -- before the split: the shortcut takes phi(N(x)) too ('both_preact': the first
+#                 block of a stage, He et al. 2016 appendix);
+#   'none'     -- no pre-activation, the input is already one ('no_preact': the first ImageNet
+#                 block, after the stem's conv-BN-ReLU-maxpool).
+PREACTS = ("residual", "shared", "none")
 BOTTLENECK_EXPANSION = 4
 
 
@@ -73,6 +87,7 @@ class Block(nn.Module):
       residual_scale: alpha, a float, or 'learnable' for a scalar parameter initialized to 0
         (SkipInit, De & Smith 2020; ReZero, Bachlechner et al. 2020).
       conv_impl: convolution implementation, see `layers.Conv` ('auto', 'canonical', 'xla').
+      preact: v2 only: 'residual', 'shared' or 'none', see `PREACTS`.
     """
 
     kind: str
@@ -90,6 +105,7 @@ class Block(nn.Module):
     zero_init_residual: bool = False
     residual_scale: Any = 1.0
     conv_impl: str = "auto"
+    preact: str = "residual"
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -151,7 +167,12 @@ class Block(nn.Module):
         project = self.shortcut == "C" or (self.shortcut == "B" and reshapes)
 
         if self.kind == "v2":
-            preact = self.activation(self._norm("norm_0")(x, train))
+            if self.preact == "none":
+                preact = x
+            else:
+                preact = self.activation(self._norm("norm_0")(x, train))
+            if self.preact != "residual":
+                x = preact  # The shortcut branches off after the pre-activation.
             h = preact
             for i, (k, f, s) in enumerate(specs):
                 if i > 0:

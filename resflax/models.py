@@ -233,25 +233,29 @@ class _ScanStep(nn.Module):
 
 
 class Stage(nn.Module):
-    """A stage: an optional reshaping first block, then `num_repeated` identical blocks.
+    """A stage: an optional first block of its own, then `num_repeated` identical blocks.
 
-    Returns `(x_out, segments)` where `segments` holds the block outputs with a leading layer
-    axis: `[x_first[None]]` (if `first_reshapes`) then `[n, B, ...]` for the repeated blocks.
+    The first block stands apart when it changes the shape or differs otherwise (a v2 block
+    whose shortcut takes the pre-activation, `first_preact`). Returns `(x_out, segments)` where
+    `segments` holds the block outputs with a leading layer axis: `[x_first[None]]` (if
+    `separate_first`) then `[n, B, ...]` for the repeated blocks.
     """
 
     block_fn: Callable[..., nn.Module]  # partial(Block, ...) without width/strides/name
     width: int
     strides: int
-    first_reshapes: bool
+    separate_first: bool
     num_repeated: int
+    first_preact: str = "residual"
     scan: bool = True
     remat: bool = False
 
     def block_specs(self) -> list[tuple[tuple[str, ...], Callable[..., nn.Module], int, bool]]:
         """(variables path within the stage, block factory, number of blocks, stacked)."""
         specs = []
-        if self.first_reshapes:
-            first = functools.partial(self.block_fn, width=self.width, strides=self.strides)
+        if self.separate_first:
+            first = functools.partial(self.block_fn, width=self.width, strides=self.strides,
+                                      preact=self.first_preact)
             specs.append((("first", "block"), first, 1, False))
         repeated = functools.partial(self.block_fn, width=self.width, strides=1)
         if self.scan and self.num_repeated:
@@ -349,6 +353,18 @@ class Network(nn.Module):
             **self._dtypes(),
         )
 
+    def _first_preact(self, stage: int) -> str:
+        """Where the first v2 block of `stage` puts its pre-activation (`blocks.PREACTS`).
+
+        Conv families follow He et al. 2016 (appendix) and the authors' code (fb.resnet.torch
+        preresnet.lua): the first unit of every stage activates before splitting ('shared'),
+        except ImageNet's very first one, whose input is already the stem's conv-BN-ReLU-maxpool
+        ('none': no second BN-ReLU in a row). MLP blocks are resflax's own, uniform ('residual').
+        """
+        if self.block != "v2" or self.family == "mlp":
+            return "residual"
+        return "none" if (self.family == "imagenet_resnet" and stage == 0) else "shared"
+
     def stage_fields(self) -> list[dict[str, Any]]:
         sizes, _ = stage_sizes(self.fields())
         expansion = BOTTLENECK_EXPANSION if self.bottleneck else 1
@@ -358,12 +374,15 @@ class Network(nn.Module):
             width = self.width if self.family == "mlp" else self.width * 2**s
             strides = 1 if (s == 0 or self.family == "mlp") else 2
             reshapes = strides != 1 or in_features != width * expansion
+            first_preact = self._first_preact(s)
+            separate = reshapes or first_preact != "residual"
             result.append(
                 dict(
                     width=width,
                     strides=strides,
-                    first_reshapes=reshapes,
-                    num_repeated=n - 1 if reshapes else n,
+                    separate_first=separate,
+                    first_preact=first_preact,
+                    num_repeated=n - 1 if separate else n,
                     scan=self.scan,
                     remat=self.remat,
                 )
@@ -419,7 +438,8 @@ class Network(nn.Module):
                 **dtypes,
             )
             # He et al. 2016's pre-activation CIFAR nets have a bare conv stem (the first block
-            # begins with norm + activation); every ImageNet stem has conv-norm-act-maxpool.
+            # activates it before splitting, see `_first_preact`); every ImageNet stem has
+            # conv-norm-act-maxpool (for v2 that is the first block's pre-activation).
             if not (self.block == "v2" and self.family == "cifar_resnet"):
                 self.stem_norm = self._norm_fn()(**dtypes)
         self.stages = [

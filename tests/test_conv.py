@@ -209,7 +209,8 @@ def test_compiled_scanned_train_step_and_diagnostics_have_only_canonical_loop_co
                                          "label": np.zeros((8,), np.int32)})
     optim = dict(name="sgd", learning_rate=0.1, momentum=0.9)
     for impl in ("auto", "xla"):
-        model = resflax.build_model(dict(family="cifar_resnet", block="v2", depth=14, width=4,
+        # Depth 20: two repeated blocks per stage, a loop XLA keeps (it unrolls trip count 1).
+        model = resflax.build_model(dict(family="cifar_resnet", block="v2", depth=20, width=4,
                                          shortcut="B", conv_impl=impl))
         state = train.create_train_state(model, optim, jax.random.key(0), x, mesh)
         step_text = _compiled_text(train.make_train_step(model, optim, mesh), state, batch)

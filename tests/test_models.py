@@ -137,7 +137,13 @@ def shortcut_of(prev, cur):
     [("cifar_resnet", {}), ("mlp", {"layers_per_block": 2, "norm": "batch"}), ("mlp", {})],
 )
 @pytest.mark.parametrize("how", [{"zero_init_residual": True}, {"residual_scale": 0.0}])
-def test_v2_with_silent_branches_is_the_identity_on_every_block(family, extra, how, train):
+def test_v2_with_silent_branches_is_the_identity_except_each_conv_stages_first_unit(
+    family, extra, how, train
+):
+    """With every residual branch 0, a v2 block maps x to its shortcut of x -- the identity where
+    the shape is kept -- except the first unit of each conv stage, whose shortcut branches off
+    after its pre-activation (He et al. 2016, appendix): it maps x to s(relu(BN(x))), BN with
+    the batch statistics (train) or the running ones (eval: mean 0, var 1, at init)."""
     fields = dict(family=family, block="v2", depth=8 if family != "mlp" else 4, shortcut="A")
     fields.update(extra, **how)
     if family == "mlp":
@@ -147,8 +153,103 @@ def test_v2_with_silent_branches_is_the_identity_on_every_block(family, extra, h
     (_, signals), _ = model.apply(variables, x, train=train, mutable=["batch_stats"])
     xs = unstack(signals)
     assert len(xs) == model.num_blocks() + 1
-    for prev, cur in zip(xs, xs[1:]):
-        assert_close(cur, shortcut_of(prev, cur))
+    firsts = [path[1] == "first" for path, _, length, _ in model.segments() for _ in range(length)]
+    assert sum(firsts) == (3 if family != "mlp" else 0)
+    for prev, cur, first in zip(xs, xs[1:], firsts):
+        if first:
+            axes = tuple(range(prev.ndim - 1))
+            mean, var = (prev.mean(axes), prev.var(axes)) if train else (0.0, 1.0)
+            prev = jax.nn.relu((prev - mean) / jnp.sqrt(var + 1e-5))
+        assert_close(cur, shortcut_of(prev, cur), 1e-5)
+
+
+def _bn(x, p):
+    """Batch norm with batch statistics over all axes but the last, by hand."""
+    axes = tuple(range(x.ndim - 1))
+    return (x - x.mean(axes)) / jnp.sqrt(x.var(axes) + 1e-5) * p["scale"] + p["bias"]
+
+
+def _conv(x, w, stride=1):
+    pad = w.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _perturbed(variables, seed):
+    """Parameters moved off their initial values (BN scales and biases no longer 1 and 0)."""
+    leaves, tree = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    params = jax.tree.unflatten(tree, [
+        leaf + 0.2 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
+    return {**variables, "params": params}
+
+
+def test_v2_cifar_first_unit_is_he_et_al_2016s_formula_by_hand_in_float64():
+    """x_0 = conv1(input); x_1 = relu(BN(x_0)) + W_1 relu(BN(W_0 relu(BN(x_0)))): the first unit
+    activates conv1's output before splitting (He et al. 2016, appendix), the shortcut included."""
+    fields = dict(family="cifar_resnet", block="v2", depth=14, width=4, dtype="float64",
+                  param_dtype="float64")
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3), jnp.float64)
+        model, variables = init(fields, x)
+        variables = _perturbed(variables, 4)
+        (_, signals), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        xs = unstack(signals)
+        params = variables["params"]
+        unit = params["stages_0"]["first"]["block"]
+        x0 = _conv(x, params["stem_layer"]["kernel"])
+        preact = jax.nn.relu(_bn(x0, unit["norm_0"]))
+        h = _conv(jax.nn.relu(_bn(_conv(preact, unit["w_0"]["kernel"]), unit["norm_1"])),
+                  unit["w_1"]["kernel"])
+        np.testing.assert_allclose(xs[0], x0, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(xs[1], preact + h, rtol=1e-11, atol=1e-12)
+        # The stage's later units keep the raw x on the shortcut.
+        second = jax.tree.map(lambda a: a[0], params["stages_0"]["rest"]["block"])
+        h2 = _conv(jax.nn.relu(_bn(_conv(jax.nn.relu(_bn(xs[1], second["norm_0"])),
+                                         second["w_0"]["kernel"]), second["norm_1"])),
+                   second["w_1"]["kernel"])
+        np.testing.assert_allclose(xs[2], xs[1] + h2, rtol=1e-11, atol=1e-12)
+    # Parameter counts are those of the plain and v1 twins (option A): the fix moves no weight.
+    for depth in (20, 56, 110):
+        counts = {b: num_params(dict(family="cifar_resnet", depth=depth, block=b))
+                  for b in ("plain", "v1", "v2")}
+        assert counts["v2"] == counts["v1"] == counts["plain"]
+
+
+def test_v2_imagenet_first_unit_takes_the_stems_activation_as_its_preactivation():
+    """fb.resnet.torch's pre-activation ImageNet nets (preresnet.lua, 'no_preact'): conv-BN-ReLU-
+    maxpool stem, and a first unit with no BN-ReLU of its own (no two BN-ReLUs in a row):
+    x_1 = x_0 + W_1 relu(BN(W_0 x_0)) with x_0 = maxpool(relu(BN(conv7x7/2(input))))."""
+    fields = dict(family="imagenet_resnet", block="v2", depth=18, width=4, num_classes=5,
+                  dtype="float64", param_dtype="float64")
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(5), (3, 32, 32, 3), jnp.float64)
+        model, variables = init(fields, x)
+        variables = _perturbed(variables, 6)
+        (_, signals), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        xs = unstack(signals)
+        params = variables["params"]
+        unit = params["stages_0"]["first"]["block"]
+        assert "norm_0" not in unit and "norm_0" in params["stages_1"]["first"]["block"]
+        stem = jax.nn.relu(_bn(_conv(x, params["stem_layer"]["kernel"], 2), params["stem_norm"]))
+        x0 = jax.lax.reduce_window(stem, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                   ((0, 0), (1, 1), (1, 1), (0, 0)))
+        h = _conv(jax.nn.relu(_bn(_conv(x0, unit["w_0"]["kernel"]), unit["norm_1"])),
+                  unit["w_1"]["kernel"])
+        np.testing.assert_allclose(xs[0], x0, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(xs[1], x0 + h, rtol=1e-11, atol=1e-12)
+    # The convs and the head are v1's (11,689,512 with v1's norms, torchvision); the norms (scale
+    # + bias per channel) are the stem's (64), every block's norm_1 (its width) and norm_0 (its
+    # input channels) but the first unit's, and the final one (512):
+    # 64 + (64 + 64+64) + (64+128 + 128+128) + (128+256 + 256+256) + (256+512 + 512+512) + 512.
+    fields = dict(family="imagenet_resnet", depth=18)
+    all_params = lambda f: shapes(f, (1, 224, 224, 3))["params"]
+    norms = lambda f: sum(a.size for path, a in flax.traverse_util.flatten_dict(
+        all_params(f)).items() if any("norm" in p for p in path))
+    assert num_params(dict(fields, block="v1"), (1, 224, 224, 3)) == 11_689_512
+    assert norms(dict(fields, block="v2")) == 2 * 3904
+    assert (num_params(dict(fields, block="v2"), (1, 224, 224, 3)) - 2 * 3904
+            == num_params(dict(fields, block="v1"), (1, 224, 224, 3)) - norms(dict(fields, block="v1")))
 
 
 @pytest.mark.parametrize("how", [{"zero_init_residual": True}, {"residual_scale": 0.0}])
