@@ -60,7 +60,8 @@ def get_config():
     nets = [f"block={b},depth={d}" for b in ("plain", "v1") for d in (20, 32, 44, 56)]
     nets += [f"block={b},depth=110,{warmup}" for b in ("plain", "v1")]
     nets += [f"block=v1,depth=1202,{warmup}"]
-    nets += [f"block=v2,depth={d},bottleneck=True,{warmup}" for d in (164, 1001)]
+    # He et al. 2016 (and resflax's zoo): projection shortcuts (B) in the pre-activation nets.
+    nets += [f"block=v2,depth={d},bottleneck=True,shortcut=B,{warmup}" for d in (164, 1001)]
     config.nets = tuple(nets)
     config.seeds = (0,)
     config.cache_batches = False  # 64k batches of CIFAR do not fit in memory.

@@ -9,6 +9,7 @@ import signal
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -19,6 +20,7 @@ from configs import digits_degradation
 from configs import train as train_config
 from experiments import degradation, reporting
 from experiments import train as app
+import resflax
 from resflax import data, parallel, train
 from resflax.models import FIELDS
 
@@ -364,3 +366,22 @@ def test_command_line_overrides_type_check():
         parse_flags(f"--config={REPO}/configs/train.py", "--config.model.depth=deep")
     for name in ("cifar10_he2015", "digits_degradation"):
         degradation.check_config(parse_flags(f"--config={REPO}/configs/{name}.py"))
+
+
+def test_he2015_config_builds_the_papers_nets():
+    """Plain/v1 with option A (He et al. 2015); pre-act 164/1001 bottleneck with projections (B,
+    He et al. 2016), with the paper's parameter counts."""
+    config = parse_flags(f"--config={REPO}/configs/cifar10_he2015.py")
+    models = {}
+    for net in config.nets:
+        fields = app.model_fields(degradation.run_config(config, net, 0).model)
+        models[(fields["block"], fields["depth"])] = fields
+    for (block, depth), fields in models.items():
+        assert fields["shortcut"] == ("B" if block == "v2" else "A"), (block, depth)
+        assert fields["bottleneck"] == (block == "v2")
+    shapes = lambda f: jax.eval_shape(resflax.build_model(f).init, jax.random.key(0),
+                                      jnp.zeros((1, 32, 32, 3)))["params"]
+    count = lambda f: sum(a.size for a in jax.tree.leaves(shapes(f)))
+    assert count(models[("v1", 110)]) == 1_727_962  # He et al. 2015: 1.7 M.
+    assert abs(count(models[("v2", 164)]) - 1.70e6) < 0.01e6  # He et al. 2016: 1.7 M.
+    assert abs(count(models[("v2", 1001)]) - 10.2e6) < 0.2e6  # He et al. 2016: 10.2 M.
