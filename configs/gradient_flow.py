@@ -9,7 +9,7 @@ compiles these programs faster but runs them ~2.6x slower: no gain end to end, s
 the default. The diagnostics are `resflax.diagnostics.Options()` except `exact_max_dim` (below).
 
 The default preset is the demo sweep below: MLPs of width 64 on one fixed batch of 64 real
-handwritten digits, from 10 to 1,000 blocks, 2 seeds each. It shows (DESIGN sections 3-4), in
+handwritten digits, from 10 to 1,000 blocks, 2 seeds each. It shows (docs/design.md, Diagnostics and Theory), in
 act_grad_sq[0] / act_grad_sq[L] over 100 blocks:
 - plain nets: Glorot on ReLU halves the squared gradient per layer (chi_1 = 1/2: 2e-30 ~ 2^-100),
   He keeps it of order 1 (chi_1 = 1); tanh with Glorot vanishes slowly (1e-3), sigmoid fast (to

@@ -12,7 +12,7 @@ and `fwd_chan_var[0]`, prints a table, and writes into `workdir`:
 
 - `results.json`: `{"config": ..., "runs": [{"name", "model": {every model field}, "seed",
   "num_params", "loss", "blocks": {...}, "e2e": {...}, "theory": {...} | null, "nonfinite",
-  "seconds": {"compile", "run"}}]}` with the names of DESIGN section 3:
+  "seconds": {"compile", "run"}}]}` with the names of docs/design.md (Diagnostics):
   - `blocks`: `fwd_sq`, `fwd_chan_mean_sq`, `fwd_chan_var`, `act_grad_sq` (length L+1, over
     x_0..x_L); `param_grad_norm`, `jac_fro_sq`, `jac_fro_sq_stderr`, `jac_spectral`,
     `jac_spectral_rel_change`, `jac_spectral_iterations` (length L, blocks 1..L);

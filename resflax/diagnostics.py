@@ -1,6 +1,6 @@
 """Exact gradient-flow diagnostics by autodiff: per-block signal, gradient and Jacobian statistics.
 
-Notation (DESIGN section 3): `x_0 = stem(input)`, `x_l = block_l(x_{l-1})` for `l = 1..L`,
+Notation (docs/design.md, Diagnostics): `x_0 = stem(input)`, `x_l = block_l(x_{l-1})` for `l = 1..L`,
 `logits = head(x_L)`, per-example cross-entropy `l_i`, `S = sum_i l_i`, `L = S / B`.
 
 | key | definition | length |

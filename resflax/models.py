@@ -69,6 +69,7 @@ _COMMON_DEFAULTS = dict(
     remat=False,
     scan=True,
     conv_impl="auto",
+    bn_running_var="biased",
 )
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -162,6 +163,7 @@ def resolve_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     _check_choice(resolved, "dtype", DTYPES)
     _check_choice(resolved, "param_dtype", DTYPES)
     _check_choice(resolved, "conv_impl", conv.IMPLS)
+    _check_choice(resolved, "bn_running_var", layers.BN_RUNNING_VARS)
     _check_int(resolved, "depth", 1)
     _check_int(resolved, "width", 1)
     _check_int(resolved, "num_classes", 1)
@@ -315,6 +317,7 @@ class Network(nn.Module):
     remat: bool
     scan: bool
     conv_impl: str
+    bn_running_var: str
     freeze_norm_stats: bool = False
 
     # ----- pieces, derived from the fields (pure Python; usable on an unbound module) -----
@@ -323,8 +326,11 @@ class Network(nn.Module):
         return layers.activation(self.activation)
 
     def _norm_fn(self):
+        extra = {}
+        if self.norm == "batch":
+            extra["unbiased_running_var"] = self.bn_running_var == "unbiased"
         return functools.partial(
-            layers.norm(self.norm), freeze_stats=self.freeze_norm_stats
+            layers.norm(self.norm), freeze_stats=self.freeze_norm_stats, **extra
         )
 
     def _dtypes(self):
@@ -532,6 +538,9 @@ def build_model(fields: Mapping[str, Any]) -> Network:
       scan: repeated blocks as one `nn.scan` (default; compile time flat in depth).
       conv_impl: 'auto' (default: `resflax.conv`'s canonical convolution on CPU, XLA's own on
         GPU/TPU), 'canonical' or 'xla'; same numbers, only speed differs.
+      bn_running_var: 'biased' (default; flax's convention: the running variance averages the
+        variance batch norm normalizes with) or 'unbiased' (x n/(n-1), Torch7/PyTorch, the
+        papers' code); see `layers.BatchNorm`.
     """
     if hasattr(fields, "to_dict"):
         fields = fields.to_dict()

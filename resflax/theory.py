@@ -1,8 +1,8 @@
 """Mean-field predictions for signal and gradient propagation at initialization.
 
-Infinite-width theory for the MLPs of `resflax.models` (DESIGN section 4): the forward second
+Infinite-width theory for the MLPs of `resflax.models` (docs/design.md, Theory): the forward second
 moments `fwd_sq[l]`, the backward second moments `act_grad_sq[l]` and the per-layer Jacobian
-factors `jac_fro_sq[l]` that `resflax.diagnostics` measures (DESIGN section 3).
+factors `jac_fro_sq[l]` that `resflax.diagnostics` measures (docs/design.md, Diagnostics).
 
 References:
 - Poole, Lahiri, Raghu, Sohl-Dickstein, Ganguli 2016, "Exponential expressivity in deep neural
@@ -401,7 +401,7 @@ def residual_mlp_curves(
         fwd_sq[l] = fwd_sq[l-1] + alpha^2 sigma_w2 E[phi(z)^2]       (linear in depth)
         chan_var[l] = chan_var[l-1] + alpha^2 sigma_w2 Var[phi(z)]
         chi_l = 1 + alpha^2 sigma_w2 E[phi'(z)^2] / chan_var[l-1]
-      where chan_var is the per-feature variance over the batch (DESIGN `fwd_chan_var`),
+      where chan_var is the per-feature variance over the batch (`fwd_chan_var` of the diagnostics),
       starting at fwd_chan_var0 (default fwd_sq0: features of x_0 with zero batch mean). The
       backward law divides by sqrt(chan_var) through batch norm (per-feature variances replaced
       by their mean, epsilon neglected) and ignores batch norm's projection of the batch mean

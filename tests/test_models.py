@@ -539,3 +539,25 @@ def test_build_model_accepts_a_config_dict():
 def test_bad_fields_raise_clear_errors(fields, match):
     with pytest.raises(ValueError, match=match):
         resflax.build_model(fields)
+
+
+@pytest.mark.parametrize("family,shape", [("cifar_resnet", (4, 8, 8, 3)), ("mlp", (6, 5))])
+def test_running_variance_is_biased_by_default_and_unbiased_on_request(family, shape):
+    """m <- 0.9 m + 0.1 v: v is the biased batch variance (flax's convention, the default) or
+    n / (n - 1) times it (Torch7 / PyTorch, 'unbiased'), n = values per channel."""
+    x = jax.random.normal(jax.random.key(7), shape)
+    updated = {}
+    for convention in ("biased", "unbiased"):
+        fields = dict(family=family, depth=8 if family != "mlp" else 2, width=4, norm="batch",
+                      bn_running_var=convention)
+        model, variables = init(fields, x)
+        _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        # The first batch norm: the CIFAR stem's, or the first MLP block's (stacked).
+        stats = state["batch_stats"]
+        updated[convention] = (stats["stem_norm"] if family != "mlp" else
+                               stats["stages_0"]["rest"]["block"]["norm_0"])["var"]
+    var_b, var_u = (np.asarray(updated[c]) for c in ("biased", "unbiased"))
+    n = np.prod(shape[:-1])
+    np.testing.assert_allclose((var_u - 0.9) / (var_b - 0.9), n / (n - 1), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"bn_running_var='torch'.*allowed values"):
+        resflax.build_model(dict(family=family, bn_running_var="torch"))
