@@ -22,7 +22,7 @@ act_grad_sq[0] / act_grad_sq[L] over 100 blocks:
 The mean-field theory (`resflax.theory.predict`) is drawn dashed where it applies (plain MLPs
 without norm, v2 MLPs with and without batch norm). Then He et al.'s conv twins, CIFAR plain-56,
 v1-56 and v2-56 (27 blocks each) on the same digits: the plain net's squared gradient grows ~1e7
-towards the input, the residual twins' by ~500 (v1) and ~100-170 (v2).
+towards the input, the residual twins' by ~500 (v1) and ~400-700 (v2).
 
 The seeds' nets at full size (32x32x3, batch 64, 2 seeds, everything): ResNet-56 and plain-56 in
 91-92 s each on 2 cores (`:single` with the flags below and `--config.data.name=gaussian
