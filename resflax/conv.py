@@ -58,7 +58,7 @@ def _out_shape(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dila
     for d in range(2):
         size = _dilate(x_shape[1 + d], lhs_dilation[d]) + sum(padding[d])
         window = _dilate(w_shape[d], rhs_dilation[d])
-        spatial.append(max(0, (size - window) // window_strides[d] + 1) if size >= window else 0)
+        spatial.append((size - window) // window_strides[d] + 1 if size >= window else 0)
     return (x_shape[0], *spatial, w_shape[3])
 
 

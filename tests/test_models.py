@@ -175,13 +175,18 @@ def _conv(x, w, stride=1):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _perturbed(variables, seed):
-    """Parameters moved off their initial values (BN scales and biases no longer 1 and 0)."""
+def _float64_signals(fields, shape, seed):
+    """`(input, [x_0 .. x_L], params)` of a float64 net in train mode, its parameters moved off
+    their initial values (BN scales and biases no longer 1 and 0). Call under 64-bit JAX."""
+    x = jax.random.normal(jax.random.key(seed), shape, jnp.float64)
+    model, variables = init(fields, x)
     leaves, tree = jax.tree.flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     params = jax.tree.unflatten(tree, [
         leaf + 0.2 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
-    return {**variables, "params": params}
+    (_, signals), _ = model.apply({**variables, "params": params}, x, train=True,
+                                  mutable=["batch_stats"])
+    return x, unstack(signals), params
 
 
 def test_v2_cifar_first_unit_is_he_et_al_2016s_formula_by_hand_in_float64():
@@ -190,12 +195,7 @@ def test_v2_cifar_first_unit_is_he_et_al_2016s_formula_by_hand_in_float64():
     fields = dict(family="cifar_resnet", block="v2", depth=14, width=4, dtype="float64",
                   param_dtype="float64")
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3), jnp.float64)
-        model, variables = init(fields, x)
-        variables = _perturbed(variables, 4)
-        (_, signals), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        xs = unstack(signals)
-        params = variables["params"]
+        x, xs, params = _float64_signals(fields, (4, 8, 8, 3), seed=3)
         unit = params["stages_0"]["first"]["block"]
         x0 = _conv(x, params["stem_layer"]["kernel"])
         preact = jax.nn.relu(_bn(x0, unit["norm_0"]))
@@ -223,12 +223,7 @@ def test_v2_imagenet_first_unit_takes_the_stems_activation_as_its_preactivation(
     fields = dict(family="imagenet_resnet", block="v2", depth=18, width=4, num_classes=5,
                   dtype="float64", param_dtype="float64")
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(5), (3, 32, 32, 3), jnp.float64)
-        model, variables = init(fields, x)
-        variables = _perturbed(variables, 6)
-        (_, signals), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        xs = unstack(signals)
-        params = variables["params"]
+        x, xs, params = _float64_signals(fields, (3, 32, 32, 3), seed=5)
         unit = params["stages_0"]["first"]["block"]
         assert "norm_0" not in unit and "norm_0" in params["stages_1"]["first"]["block"]
         stem = jax.nn.relu(_bn(_conv(x, params["stem_layer"]["kernel"], 2), params["stem_norm"]))
