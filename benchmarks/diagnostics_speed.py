@@ -10,7 +10,7 @@
    backward, SGD momentum + weight decay update, non-finite guard), both jitted, same batch of
    32x32x3 inputs. The two are timed alternately (so load from other processes hits both) and
    the medians compared. Target: ratio <= 1.3.
-2. Spectral norms of all block Jacobians of an MLP (width 1024): power iteration
+2. Spectral norms of all block Jacobians of an MLP (width 1024): Golub-Kahan-Lanczos
    (`diagnostics.block_jacobian_statistics`, jvp + vjp, `power_iterations` steps; it also draws
    one Hutchinson probe for jac_fro_sq, `num_probes=1`, a single jvp) vs the dense per-example
    Jacobian (`diagnostics.per_example_jacobian`, one jvp per input basis vector) + SVD, block by
@@ -335,7 +335,7 @@ def markdown(results: dict) -> str:
             "## 4. Every diagnostic (Jacobians and end-to-end included) vs a training step",
             "",
             "`Options()`: per-block and end-to-end Frobenius norms (Hutchinson, 4 probes) and "
-            "spectral norms (power iteration, <= 50 steps), on top of part 1's quantities.",
+            "spectral norms (Golub-Kahan-Lanczos, <= 50 steps), on top of part 1's quantities.",
             "",
             "| model | batch | diagnostics s | compile s | training step s | ratio |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -350,21 +350,21 @@ def markdown(results: dict) -> str:
         r = results["2"]
         mib = lambda b: "n/a" if b is None else f"{b / 2**20:.1f} MiB"
         lines += [
-            f"## 2. Block Jacobian spectral norms: power iteration vs dense + SVD ({r['model']}, "
+            f"## 2. Block Jacobian spectral norms: Lanczos vs dense + SVD ({r['model']}, "
             f"batch {r['batch_size']})",
             "",
             "| method | median s | compile s | XLA temp memory | Jacobian held |",
             "| --- | ---: | ---: | ---: | ---: |",
-            f"| power iteration (jvp + vjp, <= {r['power_iterations_max']} steps, tol "
+            f"| Golub-Kahan-Lanczos (jvp + vjp, <= {r['power_iterations_max']} steps, tol "
             f"{r['power_tol']:g}) | {r['power_median_s']:.3f} | {r['power_compile_s']:.1f} | "
             f"{mib(r['power_temp_bytes'])} | none |",
             f"| dense per-example Jacobian + SVD | {r['dense_median_s']:.3f} | "
             f"{r['dense_compile_s']:.1f} | {mib(r['dense_temp_bytes'])} | "
             f"{mib(r['dense_jacobian_bytes_per_block'])} per block |",
             "",
-            f"**Speed-up of power iteration: {r['speedup']:.1f}x.** Iterations used per block: "
+            f"**Speed-up of Lanczos: {r['speedup']:.1f}x.** Iterations used per block: "
             f"{r['power_iterations_used']}; max relative difference of the batch-mean sigma_max "
-            f"from the SVD: {r['max_rel_diff']:.2e} (power iteration approaches from below).",
+            f"from the SVD: {r['max_rel_diff']:.2e} (the estimate approaches from below).",
             "",
         ]
     if "3" in results:

@@ -5,7 +5,7 @@ dimension labels are canonical: input `[B, H, W, C_in]` (`b01f`), kernel `[kh, k
 (`01io`), output `[B, H', W', C_out]` (`b01f`). JAX differentiates `lax.conv_general_dilated`
 into convolutions with permuted labels -- the kernel gradient is `f01b_i01o->01bf` -- and relies
 on XLA to rewrite them. Outside loops XLA:CPU does; inside a `while` body (`nn.scan`, `lax.map`,
-`fori_loop`, the diagnostics' power iteration) it does not, and a naive loop runs instead: the
+`fori_loop`, the diagnostics' Lanczos loop) it does not, and a naive loop runs instead: the
 backward pass of a scanned ResNet was 18-25x slower than the same net unrolled (public report:
 jax issue 12868, "Convolution is significantly slower inside a loop body (CPU)").
 
