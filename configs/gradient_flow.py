@@ -2,9 +2,10 @@
 
     python -m experiments.gradient_flow --config=configs/gradient_flow.py --workdir=runs/gradient_flow
 
-About 2 minutes on 2 CPU cores, imports and compiling included (122 s wall at load ~1.6,
-2026-11-25: the 12 MLPs take about 35 s, each CIFAR-56 twin about 14 s to compile and 6-7 s per
-seed). One program per net, which every seed reuses. `XLA_FLAGS=--xla_backend_optimization_level=0`
+About 2 minutes on 2 CPU cores, imports and compiling included (135 s wall at load ~1.6,
+2026-11-25, 100 s of it compiling: the 12 MLPs about 3.5 s each to compile and under 0.3 s per
+seed, the 1,000-block one 2.2 s; each CIFAR-56 twin about 15 s to compile and 3-4 s per seed).
+One program per net, which every seed reuses. `XLA_FLAGS=--xla_backend_optimization_level=0`
 compiles these programs faster but runs them ~2.6x slower: no gain end to end, so the app leaves
 the default. The diagnostics are `resflax.diagnostics.Options()` except `exact_max_dim` (below).
 
@@ -25,7 +26,7 @@ v1-56 and v2-56 (27 blocks each) on the same digits: the plain net's squared gra
 towards the input, the residual twins' by ~500 (v1) and ~400-700 (v2).
 
 The seeds' nets at full size (32x32x3, batch 64, 2 seeds, everything): ResNet-56 and plain-56 in
-91-92 s each on 2 cores (`:single` with the flags below and `--config.data.name=gaussian
+73-83 s each on 2 cores (`:single` with the flags below and `--config.data.name=gaussian
 --config.data.input_dim='(32, 32, 3)'`).
 
 Preset `single` (`--config=configs/gradient_flow.py:single`) runs just `config.model`, and every
