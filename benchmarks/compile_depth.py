@@ -30,7 +30,7 @@ from absl import app, flags
 from benchmarks import common
 from configs import cifar10_he2015
 from experiments import reporting
-from resflax import build_model, costs, parallel, train
+from resflax import build_model, costs, parallel, training
 
 flags.DEFINE_list("depths", ["20", "56", "110", "1202"], "CIFAR ResNet depths (6n+2).")
 flags.DEFINE_integer("unrolled_max_depth", 110, "Deepest unrolled control.")
@@ -50,8 +50,8 @@ def measure(depth: int, scan: bool, remat: bool) -> dict:
     image = jax.ShapeDtypeStruct((FLAGS.batch, 32, 32, 3), jnp.float32)
     batch = dict(image=image, label=jax.ShapeDtypeStruct((FLAGS.batch,), jnp.int32))
     key = np.zeros(2, np.uint32)  # A raw key on the host: create_train_state reads it there.
-    state = jax.eval_shape(lambda: train.create_train_state(model, OPTIM, key, image, mesh))
-    step = train.make_train_step(model, OPTIM, mesh)
+    state = jax.eval_shape(lambda: training.create_train_state(model, OPTIM, key, image, mesh))
+    step = training.make_train_step(model, OPTIM, mesh)
     lower_s, compile_s, compiled = [], [], None
     for _ in range(2):
         jax.clear_caches()  # Else the second try is a cache hit.

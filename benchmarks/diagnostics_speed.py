@@ -43,7 +43,7 @@ from absl import app, flags
 
 from benchmarks import common
 from experiments import reporting
-from resflax import build_model, costs, diagnostics, parallel, train
+from resflax import build_model, costs, diagnostics, parallel, training
 from configs import cifar10_he2015
 
 flags.DEFINE_integer("cifar_batch", 128, "Part 1 batch size.")
@@ -114,8 +114,8 @@ def versus_train_step(depth: int, batch: int, options: diagnostics.Options, opti
     _log(f"{label}: ResNet-{depth}, batch {batch}: initializing")
     mesh = parallel.make_mesh()
     data = parallel.global_batch(mesh, {"image": images, "label": labels})
-    state = train.create_train_state(model, OPTIM, jax.random.key(0), data["image"], mesh)
-    step = train.make_train_step(model, OPTIM, mesh)
+    state = training.create_train_state(model, OPTIM, jax.random.key(0), data["image"], mesh)
+    step = training.make_train_step(model, OPTIM, mesh)
     # A copy: the training step donates (deletes) the state it is given.
     variables = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
 
@@ -189,8 +189,8 @@ def part4() -> dict:
 def _stacked_block(model):
     """(factory, variables path) of the MLP's one scanned segment (all blocks, stacked)."""
     segments = model.segments()
-    assert len(segments) == 1 and segments[0][3], segments
-    path, factory, _, _ = segments[0]
+    assert len(segments) == 1 and segments[0].stacked, segments
+    path, factory = segments[0].path, segments[0].block
     return factory, path
 
 

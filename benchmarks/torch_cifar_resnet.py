@@ -200,6 +200,8 @@ def _torch_name(collection: str, path: tuple[str, ...]) -> str:
     leaf = _LEAF_NAMES.get((collection, path[-1]))
     if leaf is None:
         raise ValueError(f"unexpected resflax variable {collection}/{'/'.join(path)}")
+    if path[0] == "stem":  # resflax's stem module: 'stem/layer', 'stem/norm'.
+        path = (f"stem_{path[1]}",) + tuple(path[2:])
     parts = []
     for part in path[:-1]:
         if part == "block":  # resflax's scan-step wrapper; no module of its own here.

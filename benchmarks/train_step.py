@@ -32,7 +32,7 @@ from absl import app, flags
 from benchmarks import common
 from configs import cifar10_he2015
 from experiments import reporting
-from resflax import build_model, parallel, train
+from resflax import build_model, parallel, training
 
 MODELS = {  # name -> build_model fields (He et al.'s CIFAR nets: width 16, BN, option A).
     "resnet20": dict(family="cifar_resnet", block="v1", depth=20),
@@ -57,8 +57,8 @@ def resflax_step(fields: dict, images: np.ndarray, labels: np.ndarray):
     model = build_model(fields)
     mesh = parallel.make_mesh()
     batch = parallel.global_batch(mesh, {"image": images, "label": labels})
-    state = train.create_train_state(model, OPTIM, jax.random.key(0), batch["image"], mesh)
-    step_fn = train.make_train_step(model, OPTIM, mesh)
+    state = training.create_train_state(model, OPTIM, jax.random.key(0), batch["image"], mesh)
+    step_fn = training.make_train_step(model, OPTIM, mesh)
     holder = [state]
 
     def step():

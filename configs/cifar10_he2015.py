@@ -3,7 +3,7 @@
     python -m experiments.degradation --config=configs/cifar10_he2015.py --workdir=/tmp/he2015
     # one net per machine, e.g.:
     python -m experiments.degradation --config=configs/cifar10_he2015.py --workdir=/tmp/he2015 \\
-        --config.nets='("block=plain,depth=56", "block=v1,depth=56")'
+        --config.nets='({"model.block": "plain", "model.depth": 56},)'
     # or a single run of the same recipe:
     python -m experiments.train --config=configs/cifar10_he2015.py --workdir=/tmp/r56 \\
         --config.model.depth=56
@@ -28,7 +28,7 @@ input pipeline runs in `dataset.worker_count` grain worker processes to keep up 
 """
 
 from configs import train as train_config
-from experiments.train import model_config
+import resflax.config
 
 
 def get_config():
@@ -37,7 +37,7 @@ def get_config():
         name="cifar10", train_split="train[:45000]", eval_split="train[45000:]", augment="cifar",
         worker_count=8,
     ))
-    config.model = model_config(
+    config.model = resflax.config.config_dict(
         family="cifar_resnet", block="v1", depth=20, width=16, norm="batch", shortcut="A",
         activation="relu", init="he_normal", num_classes=10,
     )
@@ -56,12 +56,13 @@ def get_config():
     config.max_checkpoints_to_keep = 2
     config.progress_every_secs = 120.0
 
-    warmup = "optim.warmup_steps=400,optim.warmup_lr=0.01"
-    nets = [f"block={b},depth={d}" for b in ("plain", "v1") for d in (20, 32, 44, 56)]
-    nets += [f"block={b},depth=110,{warmup}" for b in ("plain", "v1")]
-    nets += [f"block=v1,depth=1202,{warmup}"]
+    warmup = {"optim.warmup_steps": 400, "optim.warmup_lr": 0.01}
+    nets = [{"model.block": b, "model.depth": d} for b in ("plain", "v1") for d in (20, 32, 44, 56)]
+    nets += [{"model.block": b, "model.depth": 110, **warmup} for b in ("plain", "v1")]
+    nets += [{"model.block": "v1", "model.depth": 1202, **warmup}]
     # He et al. 2016 (and resflax's zoo): projection shortcuts (B) in the pre-activation nets.
-    nets += [f"block=v2,depth={d},bottleneck=True,shortcut=B,{warmup}" for d in (164, 1001)]
+    nets += [{"model.block": "v2", "model.depth": d, "model.bottleneck": True,
+              "model.shortcut": "B", **warmup} for d in (164, 1001)]
     config.nets = tuple(nets)
     config.seeds = (0,)
     config.cache_batches = False  # 64k batches of CIFAR do not fit in memory.

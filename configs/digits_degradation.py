@@ -35,7 +35,8 @@ def get_config():
     config.progress_every_secs = 60.0
 
     blocks, depths = ("plain", "v1", "v2"), (3, 9, 27)
-    config.nets = tuple(f"block={b},depth={d}" for b, d in itertools.product(blocks, depths))
+    config.nets = tuple({"model.block": b, "model.depth": d}
+                        for b, d in itertools.product(blocks, depths))
     config.seeds = (0, 1, 2)
     config.cache_batches = True  # Runs of one seed share the batches, read once (small data).
     return config

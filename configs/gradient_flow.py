@@ -32,10 +32,10 @@ The seeds' nets at full size (32x32x3, batch 64, 2 seeds, everything): ResNet-56
 Preset `single` (`--config=configs/gradient_flow.py:single`) runs just `config.model`, and every
 field of it can be overridden, e.g.
     --config.model.block=v2 --config.model.depth=1000 --config.model.norm=batch
-    --config.model.family=cifar_resnet --config.model.depth=56 --config.model.width=16 \\
-        --config.model.block=v1 --config.model.norm=batch --config.model.shortcut=A
-(`layers_per_block` applies to MLPs only and is ignored for the conv families; the digits are
-8x8x1 images, fine as they are for `cifar_resnet`), or on random inputs:
+    --config.model.family=cifar_resnet --config.model.depth=56 --config.model.block=v1
+(a family given on the command line starts from that family's defaults: this is He et al.'s
+ResNet-56, width 16, batch norm, option A; the digits are 8x8x1 images, fine as they are for
+`cifar_resnet`), or on random inputs:
     --config.data.name=gaussian --config.data.input_dim='(32, 32, 3)'
 """
 
@@ -44,29 +44,33 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.train import model_config
+import resflax.config
 from resflax import diagnostics
 
-# (name, model overrides) of the demo sweep; fields not given come from `config.model`.
+# The demo sweep: per net, a label and dotted overrides of the config (experiments.common);
+# fields not given come from `config.model` (a new family: from that family's defaults).
 # Glorot ('glorot_normal') on square layers is sigma_w^2 = 1, He ('he_normal') sigma_w^2 = 2.
 SWEEP = (
-    dict(name="plain relu He L=10", depth=10),
-    dict(name="plain relu He", depth=100),
-    dict(name="plain relu Glorot", depth=100, init="glorot_normal"),
-    dict(name="plain tanh Glorot", depth=100, activation="tanh", init="glorot_normal"),
-    dict(name="plain sigmoid Glorot", depth=100, activation="sigmoid", init="glorot_normal"),
-    dict(name="plain relu He +BN", depth=100, norm="batch"),
-    dict(name="v1 relu He", depth=100, block="v1"),
-    dict(name="v1 relu He +BN", depth=100, block="v1", norm="batch"),
-    dict(name="v2 relu He", depth=100, block="v2"),
-    dict(name="v2 tanh Glorot", depth=100, block="v2", activation="tanh", init="glorot_normal"),
-    dict(name="v2 relu He +BN", depth=100, block="v2", norm="batch"),
-    dict(name="v2 relu He +BN L=1000", depth=1000, block="v2", norm="batch"),
+    {"name": "plain relu He L=10", "model.depth": 10},
+    {"name": "plain relu He", "model.depth": 100},
+    {"name": "plain relu Glorot", "model.depth": 100, "model.init": "glorot_normal"},
+    {"name": "plain tanh Glorot", "model.depth": 100, "model.activation": "tanh",
+     "model.init": "glorot_normal"},
+    {"name": "plain sigmoid Glorot", "model.depth": 100, "model.activation": "sigmoid",
+     "model.init": "glorot_normal"},
+    {"name": "plain relu He +BN", "model.depth": 100, "model.norm": "batch"},
+    {"name": "v1 relu He", "model.depth": 100, "model.block": "v1"},
+    {"name": "v1 relu He +BN", "model.depth": 100, "model.block": "v1", "model.norm": "batch"},
+    {"name": "v2 relu He", "model.depth": 100, "model.block": "v2"},
+    {"name": "v2 tanh Glorot", "model.depth": 100, "model.block": "v2", "model.activation": "tanh",
+     "model.init": "glorot_normal"},
+    {"name": "v2 relu He +BN", "model.depth": 100, "model.block": "v2", "model.norm": "batch"},
+    {"name": "v2 relu He +BN L=1000", "model.depth": 1000, "model.block": "v2", "model.norm": "batch"},
     # The convolutional twins of He et al. 2015 / 2016 (CIFAR family: 3x3 convs, widths 16-32-64,
     # batch norm, option-A shortcuts; 56 weight layers = 27 blocks) on the same digits (8x8x1).
     *(
-        dict(name=f"CIFAR {block}-56", family="cifar_resnet", block=block, depth=56, width=16,
-             norm="batch", shortcut="A")
+        {"name": f"CIFAR {block}-56", "model.family": "cifar_resnet", "model.block": block,
+         "model.depth": 56}
         for block in ("plain", "v1", "v2")
     ),
 )
@@ -77,14 +81,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"preset={preset!r} is not supported; allowed values: ['single', 'sweep']")
     config = ml_collections.ConfigDict()
 
-    # Every build_model field (family defaults filled in; residual_scale is a string so that
-    # one flag takes a number or 'learnable'). The base of every sweep entry.
-    config.model = model_config(
+    # Every resflax.ModelConfig field (None: the family's default). The base of every sweep
+    # entry; --config.model.family=cifar_resnet starts from that family's defaults.
+    config.model = resflax.config.config_dict(
         family="mlp", block="plain", depth=10, width=64, layers_per_block=1, norm="none",
         activation="relu", init="he_normal", num_classes=10,
     )
-    # A list of dicts of `config.model` overrides, one net each (optional key `name`: its label
-    # in the table and plots). Empty: one net, `config.model` itself.
+    # One dict per net: dotted overrides ("model.depth": 100, ...) and an optional "name" (its
+    # label in the table and plots). Empty: one net, `config.model` itself.
     config.sweep = () if preset == "single" else SWEEP
 
     config.data = ml_collections.ConfigDict(

@@ -10,7 +10,7 @@ He et al.'s recipe). Every field is documented inline.
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.train import model_config
+import resflax.config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,9 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Every build_model field (resolved from the family defaults): all overridable.
+    # Every resflax.ModelConfig field; those not given here are None, the family's default.
     # depth counts blocks for the MLP: 9 blocks x 2 layers + stem + head = 20 weight layers.
-    config.model = model_config(
+    # --config.model.family=cifar_resnet starts from that family's defaults (He et al.'s nets).
+    config.model = resflax.config.config_dict(
         family="mlp", block="v1", depth=9, width=64, layers_per_block=2, norm="batch",
         activation="relu", init="he_normal", num_classes=10,
     )

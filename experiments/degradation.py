@@ -20,19 +20,17 @@ metrics, checkpoints and summary), then writes into `workdir`:
   kind; (c) per-block gradient norm `||dL/dtheta_l||` at initialization (step 0) vs block
   index `l`, one line per net: the cause next to the symptom.
 
-Each net is `config.model` with the overrides of one `config.nets` entry, a comma-separated
-list of `field=value`: a bare field is a model field, a dotted one a path in the run config,
-e.g. `"block=v1,depth=110,optim.warmup_steps=400"`. A restart reuses completed runs (same
+Each net is the config with the overrides of one `config.nets` entry, a dict of dotted paths
+(`experiments.common`), e.g. `{"model.block": "v1", "model.depth": 110,
+"optim.warmup_steps": 400}`. A restart reuses completed runs (same
 config) and resumes interrupted ones from their checkpoints.
 """
 
 from __future__ import annotations
 
-import ast
-import copy
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import matplotlib
 import matplotlib.ticker
@@ -44,8 +42,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import reporting
+from experiments import common, reporting
 from experiments import train as train_app
+from resflax import ModelConfig, data
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "degradation.png"
@@ -55,52 +54,24 @@ SWEEP_FIELDS = ("nets", "seeds", "cache_batches")
 # ----------------------------------------------------------------------------- runs
 
 
-def _parse_value(raw: str, current: Any) -> Any:
-    if isinstance(current, str):
-        return raw
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
-def run_config(config: ml_collections.ConfigDict, net: str, seed: int) -> ml_collections.ConfigDict:
-    """The single-run config of `net` (an override string) and `seed`."""
-    run = copy.deepcopy(config)
+def run_config(config: ml_collections.ConfigDict, net: Mapping[str, Any], seed: int
+               ) -> ml_collections.ConfigDict:
+    """The single-run config of `net` (dotted overrides, `experiments.common`) and `seed`."""
+    run = common.apply_overrides(config, net, f"config.nets entry {dict(net)!r}")
     with run.unlocked():
         for name in SWEEP_FIELDS:
             if name in run:
                 del run[name]
         run.seed = seed
-        for item in filter(None, (s.strip() for s in net.split(","))):
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"config.nets entry {net!r}: {item!r} is not field=value")
-            path = key.strip().split(".") if "." in key else ["model", key.strip()]
-            parent = run
-            for part in path[:-1]:
-                parent = parent[part] if part in parent else None
-                if not isinstance(parent, ml_collections.ConfigDict):
-                    break
-            if not isinstance(parent, ml_collections.ConfigDict) or path[-1] not in parent:
-                allowed = sorted(run.model) if len(path) == 2 and path[0] == "model" else None
-                raise ValueError(
-                    f"config.nets entry {net!r}: unknown field {key.strip()!r}"
-                    + (f"; allowed model fields: {allowed}" if allowed else "")
-                )
-            try:
-                parent[path[-1]] = _parse_value(raw.strip(), parent[path[-1]])
-            except TypeError as e:
-                raise ValueError(f"config.nets entry {net!r}: {key.strip()}: {e}") from None
     return run
 
 
-def weight_layers(fields: dict[str, Any]) -> int:
+def weight_layers(model: ModelConfig) -> int:
     """Weight layers on the longest path: MLP stem + blocks x layers + head; CIFAR/ImageNet:
     the depth (He et al. count)."""
-    if fields["family"] == "mlp":
-        return fields["depth"] * fields["layers_per_block"] + 2
-    return fields["depth"]
+    if model.family == "mlp":
+        return model.depth * model.layers_per_block + 2
+    return model.depth
 
 
 def net_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -108,11 +79,11 @@ def net_names(config: ml_collections.ConfigDict) -> list[str]:
     that is not unique."""
     names = []
     for net in config.nets:
-        fields = train_app.model_fields(run_config(config, net, 0).model)
-        names.append(f"{fields['block']}-{weight_layers(fields)}"
-                     + ("b" if fields["bottleneck"] else ""))
+        model = common.model_config(run_config(config, net, 0))
+        names.append(f"{model.block}-{weight_layers(model)}" + ("b" if model.bottleneck else ""))
     if len(set(names)) < len(names):
-        names = [net.replace("=", "").replace(",", "_").replace(".", "") for net in config.nets]
+        names = ["_".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in net.items())
+                 for net in config.nets]
     return names
 
 
@@ -120,9 +91,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in SWEEP_FIELDS:
         if name not in config:
             raise ValueError(f"config.{name} is missing (see configs/digits_degradation.py)")
-    if not config.nets or not all(isinstance(n, str) for n in config.nets):
-        raise ValueError(f"config.nets={config.nets!r} must be a non-empty tuple of strings "
-                         "like 'block=plain,depth=9'")
+    if not config.nets or not all(isinstance(n, Mapping) for n in config.nets):
+        raise ValueError(f"config.nets={config.nets!r} must be a non-empty tuple of dicts of "
+                         "dotted overrides like {'model.block': 'plain', 'model.depth': 9}")
     if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise ValueError(f"config.seeds={config.seeds!r} must be a non-empty tuple of ints")
     for net in config.nets:
@@ -276,7 +247,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     check_config(config)
     start = time.monotonic()
     os.makedirs(workdir, exist_ok=True)
-    cache = train_app.BatchCache() if config.cache_batches else None
+    cache = data.BatchCache() if config.cache_batches else None
+    programs: dict[str, train_app.Programs] = {}  # One compile per architecture.
     runs = []
     names = net_names(config)
     for net, name in zip(config.nets, names):
@@ -286,12 +258,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             summary = _completed_summary(run_dir, run)
             if summary is None:
                 logging.info("Training %s (%s), seed %d", name, net, seed)
-                summary = train_app.train_and_evaluate(run, run_dir, cache=cache)
+                key = train_app.programs_key(run)
+                if key not in programs:
+                    programs[key] = train_app.build_programs(run)
+                summary = train_app.train_and_evaluate(run, run_dir, cache=cache,
+                                                       programs=programs[key])
             else:
                 logging.info("Reusing the completed run in %s", run_dir)
-            fields = train_app.model_fields(run.model)
+            model = common.model_config(run)
             runs.append({
-                "net": name, "model": fields, "weight_layers": weight_layers(fields),
+                "net": name, "model": model.to_dict(), "weight_layers": weight_layers(model),
                 "seed": seed, "status": summary["status"],
                 "final_train_loss": summary["train_loss"],
                 "final_train_error": summary["train_error"],
@@ -316,6 +292,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     reporting.quiet_library_logs()
+    common.command_line_family_switch(flags.FLAGS.config)
     run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

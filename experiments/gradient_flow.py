@@ -57,10 +57,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import reporting
-from experiments.train import model_fields
-from resflax import costs, data, diagnostics, theory
-from resflax.models import FIELDS, build_model
+from experiments import common, reporting
+from resflax import ModelConfig, build_model, costs, data, diagnostics, theory
 
 RESULTS_FILE = "results.json"
 PLOT_FILES = ("act_grad_sq.png", "fwd_sq.png", "jac_spectral.png")
@@ -78,45 +76,40 @@ BLOCK_KEYS = (
 @dataclasses.dataclass(frozen=True)
 class Net:
     name: str
-    fields: dict[str, Any]  # Resolved build_model fields.
+    config: ModelConfig
 
 
 def _nets(config: ml_collections.ConfigDict) -> list[Net]:
-    """The sweep: `config.model` with each entry's overrides, resolved; ValueError naming the
-    entry and field."""
-    base = config.model.to_dict()
+    """The sweep: `config.model` with each entry's dotted `model.*` overrides; ValueError naming
+    the entry and field."""
     entries = list(config.sweep) or [{}]
     nets = []
     for i, entry in enumerate(entries):
         where = f"config.sweep[{i}]" if config.sweep else "config"
         if not isinstance(entry, Mapping):
-            raise ValueError(f"{where}={entry!r} must be a dict of model field overrides")
+            raise ValueError(f"{where}={entry!r} must be a dict of dotted overrides")
         entry = dict(entry)
         name = entry.pop("name", None)
-        unknown = sorted(set(entry) - set(FIELDS))
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown model field(s) {unknown}; allowed: {sorted(FIELDS)} and 'name'"
-            )
-        fields = {**base, **entry}
-        if fields.get("family") != "mlp":
-            # An MLP-only field (the command line cannot set it back to None).
-            fields["layers_per_block"] = None
+        other = sorted(k for k in entry if not k.startswith("model."))
+        if other:
+            raise ValueError(f"{where}: {other} are not model fields; a sweep entry has 'name' "
+                             "and 'model.<field>' keys")
+        run = common.apply_overrides(config, entry, where)
         try:
-            resolved = model_fields(fields)
+            model = common.model_config(run)
         except ValueError as e:
             raise ValueError(f"{where}: {e}" if config.sweep else str(e)) from None
-        nets.append(Net(name or _default_name(resolved), resolved))
+        nets.append(Net(name or _default_name(model), model))
     names = [n.name for n in nets]
     if len(set(names)) != len(names):
         raise ValueError(f"config.sweep: names must be unique, got {names}")
     return nets
 
 
-def _default_name(f: Mapping[str, Any]) -> str:
-    family = "" if f["family"] == "mlp" else f"{f['family']} "
-    norm = "" if f["norm"] == "none" else f" +{f['norm']}"
-    return f"{family}{f['block']} {f['activation']} {f['init']}{norm} d{f['depth']}"
+def _default_name(m: ModelConfig) -> str:
+    family = "" if m.family == "mlp" else f"{m.family} "
+    norm = "" if m.norm == "none" else f" +{m.norm}"
+    return f"{family}{m.block} {m.activation} {m.init}{norm} d{m.depth}"
 
 
 def _options(config: ml_collections.ConfigDict) -> diagnostics.Options:
@@ -229,7 +222,7 @@ def _nonfinite_kind(values: Any) -> str | None:
     return "+".join(kinds) or None
 
 
-def _theory(fields: Mapping[str, Any], blocks: Mapping[str, Any]) -> dict[str, Any] | None:
+def _theory(model: ModelConfig, blocks: Mapping[str, Any]) -> dict[str, Any] | None:
     """`theory.predict` anchored at the measured values; None where the theory does not apply
     or an anchor is not finite (nothing to anchor a curve to)."""
     anchors = dict(
@@ -240,12 +233,12 @@ def _theory(fields: Mapping[str, Any], blocks: Mapping[str, Any]) -> dict[str, A
     if not all(math.isfinite(v) for v in anchors.values()):
         return None
     fwd_sq0, act_grad_sq_last = anchors.pop("fwd_sq0"), anchors.pop("act_grad_sq_last")
-    return theory.predict(fields, fwd_sq0, act_grad_sq_last, **anchors)
+    return theory.predict(model, fwd_sq0, act_grad_sq_last, **anchors)
 
 
 def measure(net: Net, options, inputs, labels, seeds) -> list[dict[str, Any]]:
     """One record per seed (the `runs` entries of results.json, finite or not)."""
-    model = build_model(net.fields)
+    model = build_model(net.config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), inputs)
     num_params = costs.count_params(shapes["params"])
     compiled, static, compile_s = _program(model, options, inputs, labels)
@@ -259,13 +252,13 @@ def measure(net: Net, options, inputs, labels, seeds) -> list[dict[str, Any]]:
         e2e = {k: v for k, v in result.items() if k.startswith("e2e_")}
         record = dict(
             name=net.name,
-            model=dict(net.fields),
+            model=net.config.to_dict(),
             seed=seed,
             num_params=num_params,
             loss=result["loss"],
             blocks=blocks,
             e2e=e2e,
-            theory=_theory(net.fields, blocks),
+            theory=_theory(net.config, blocks),
         )
         record["nonfinite"] = {
             f"{group}.{k}": kind
@@ -381,9 +374,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     nets, options = check_config(config)
     inputs, labels, num_classes = load_batch(config)
     for net in nets:
-        if net.fields["num_classes"] < num_classes:
+        if net.config.num_classes < num_classes:
             raise ValueError(
-                f"model.num_classes={net.fields['num_classes']} ({net.name!r}) is smaller than "
+                f"model.num_classes={net.config.num_classes} ({net.name!r}) is smaller than "
                 f"the {num_classes} classes of data.name={config.data.name!r}"
             )
     os.makedirs(workdir, exist_ok=True)
@@ -419,7 +412,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
             e = e.args[0]
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
         message = f"unknown config field {' '.join(str(e).split())} in {overrides}"
-    sys.exit(f"FATAL Flags parsing error: {message}")
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr, flush=True)
+    sys.exit(common.USAGE_ERROR_EXIT_CODE)
 
 
 def main(argv):
@@ -427,10 +421,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     reporting.quiet_library_logs(("tensorflow_datasets", "jax"))
     start = time.perf_counter()
-    try:
-        run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except ValueError as e:
-        sys.exit(f"gradient_flow: error: {' '.join(str(e).split())}")
+    common.command_line_family_switch(flags.FLAGS.config)
+    common.run_main("gradient_flow", lambda: run(flags.FLAGS.config, flags.FLAGS.workdir))
     print(f"wall time {time.perf_counter() - start:.1f} s (after imports)")
 
 

@@ -33,10 +33,11 @@ Statuses:
   does not apply it). The step and the first parameter with a non-finite gradient are logged
   and kept in the summary. No checkpoint is written: the latest one is the last good state.
 
-Config: configs/train.py documents every field. `config.model` holds every `build_model`
-field (`model_config`), so any of them is a typed command-line override; `residual_scale` is a
-string there, a number or 'learnable'. `check_config` rejects a bad value naming the field and
-what it allows, before anything is compiled.
+Config: configs/train.py documents every field. `config.model` holds every
+`resflax.ModelConfig` field (`resflax.config.config_dict`), each a typed command-line override;
+unset ones (None) take the family's defaults, and `--config.model.family=...` starts from that
+family's defaults (`experiments.common`). `check_config` rejects a bad value naming the field
+and what it allows, before anything is compiled.
 
 Restarting with the same `--workdir` resumes from the latest checkpoint (records written after
 it are dropped from `metrics.jsonl` and TensorBoard). The loop syncs with the device once per
@@ -58,13 +59,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
-from experiments import reporting
-from resflax import data, parallel, resolve_fields, train
-from resflax.models import FIELDS, build_model
+from experiments import common, reporting
+from resflax import build_model, checks, data, parallel, training
 
 STATUSES = ("completed", "preempted", "stopped_nonfinite")
 SUMMARY_FILE = "summary.json"
@@ -73,49 +72,11 @@ CHECKPOINT_DIR = "checkpoints"
 # ----------------------------------------------------------------------------- configuration
 
 
-def model_config(**fields: Any) -> ml_collections.ConfigDict:
-    """Every `build_model` field, resolved (family defaults filled), as an overridable ConfigDict.
-
-    Fields that resolve to None become typed placeholders (`--config.model.layers_per_block=2`
-    works); `residual_scale` is kept as a *string* ('1.0', '0.1', 'learnable') so that one
-    command-line flag takes a number or 'learnable'; `model_fields` turns it back.
-    """
-    resolved = resolve_fields(fields)
-    types = {"layers_per_block": int, "bottleneck": bool}
-    cfg = ml_collections.ConfigDict()
-    for name in FIELDS:
-        value = resolved[name]
-        if name == "residual_scale":
-            value = str(value)
-        elif value is None:
-            value = config_dict.placeholder(types.get(name, str))
-        cfg[name] = value
-    return cfg
-
-
-def model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
-    """`config.model` -> resolved `build_model` fields; ValueError naming `config.model.<field>`."""
-    fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
-    scale = fields.get("residual_scale")
-    if isinstance(scale, str) and scale != "learnable":
-        try:
-            fields["residual_scale"] = float(scale)
-        except ValueError:
-            raise ValueError(
-                f"config.model.residual_scale={scale!r} must be a number or 'learnable'"
-            ) from None
-    try:
-        return resolve_fields(fields)
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from None
-
-
 def _check_int(config, name: str, minimum: int, optional: bool = False) -> None:
     value = config[name]
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config.{name}={value!r} must be an integer >= {minimum}")
+    checks.integer(f"config.{name}", value, minimum)
 
 
 def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -133,9 +94,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{name} is missing (see configs/train.py)")
     if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
         raise ValueError(f"config.seed={config.seed!r} must be an integer in [0, 2**31)")
-    model_fields(config.model)
+    common.model_config(config)
     try:
-        train.make_optimizer(optim_config(config))
+        training.make_optimizer(optim_config(config))
     except ValueError as e:
         raise ValueError(f"config.{e}" if str(e).startswith("optim.") else f"config.optim: {e}")
     if config.dataset.augment not in data.AUGMENTATIONS:
@@ -162,103 +123,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- programs
 
 
-def block_grad_norms(model, grads) -> jax.Array:
-    """`[L]`: `||g_l||_2` over every parameter of block `l`, in signal order `x_1 .. x_L`.
-
-    Uses `model.segments()`: a stacked (scanned) segment of `n` blocks contributes `n` entries,
-    the norm over each slice `[i, ...]` of its leaves.
-    """
-    parts = []
-    for path, _, length, stacked in model.segments():
-        sub = grads
-        for key in path:
-            sub = sub.get(key, {}) if hasattr(sub, "get") else {}
-        rows = length if stacked else 1
-        sq = jnp.zeros((rows,), jnp.float32)
-        for g in jax.tree.leaves(sub):
-            sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(rows, -1), axis=1)
-        parts.append(jnp.broadcast_to(sq, (length,)))
-    return jnp.sqrt(jnp.concatenate(parts))
-
-
-def _grad_stats(model, state: train.TrainState, batch) -> dict[str, jax.Array]:
-    """Per-block and per-module gradient norms of the train step's loss (not applied)."""
-    rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-        (logits, _), _ = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-            mutable=["batch_stats"], rngs={"dropout": rng},
-        )
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), batch["label"]))
-
-    grads = jax.grad(loss_fn)(state.params)
-    stats = {"param_grad_norm": block_grad_norms(model, grads)}
-    stats.update({f"grad_norm/{k}": v for k, v in train.grad_norms_by_module(grads).items()})
-    return stats
-
-
-def _init_state(model, tx, input_shape, input_dtype, seed) -> train.TrainState:
-    """`train.create_train_state(model, tx, jax.random.key(seed), ...)` with `seed` traced, so
-    one compiled initializer serves every seed (same key splits, hence the same state)."""
-    key = jax.random.PRNGKey(seed)
-    init_rng, state_rng = jax.random.split(key)
-    params_rng, dropout_rng = jax.random.split(init_rng)
-    variables = model.init(
-        {"params": params_rng, "dropout": dropout_rng}, jnp.zeros(input_shape, input_dtype),
-        train=False,
-    )
-    params = variables["params"]
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=state_rng,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Programs:
-    """The model and its jitted programs for one (model, optimizer, mesh): compiled once, shared
-    by every run (seed) with the same architecture in this process."""
+    """The model and its jitted programs for one (model, optimizer, mesh). Built once by
+    `build_programs`; a sweep passes the same `Programs` to every run (seed) of an architecture,
+    so each program compiles once."""
 
     model: Any
     mesh: Any
-    init: Callable[[int, tuple[int, ...]], train.TrainState]  # (seed, input shape) -> state
+    init: Callable[[int, tuple[int, ...]], training.TrainState]  # (seed, input shape) -> state
     train_step: Callable
     eval_step: Callable
     grad_stats: Callable
 
 
-@functools.lru_cache(maxsize=32)
-def _programs(key: str) -> Programs:
-    spec = json.loads(key)
-    model = build_model(spec["model"])
-    mesh = parallel.make_mesh(spec["num_devices"])
-    tx = train.make_optimizer(spec["optim"])
-    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    init = jax.jit(
-        lambda seed, shape: _init_state(model, tx, shape, jnp.float32, seed),
-        static_argnums=1, out_shardings=rep,
-    )
-    return Programs(
-        model=model,
-        mesh=mesh,
-        init=lambda seed, shape: init(np.int32(seed), tuple(shape)),
-        train_step=train.make_train_step(model, spec["optim"], mesh),
-        eval_step=train.make_eval_step(model, mesh),
-        grad_stats=jax.jit(functools.partial(_grad_stats, model), in_shardings=(rep, shard),
-                           out_shardings=rep),
-    )
-
-
 def build_programs(config: ml_collections.ConfigDict) -> Programs:
-    """`Programs` for `config` (cached: the same architecture and optimizer compile once)."""
-    key = json.dumps(
-        {"model": model_fields(config.model), "optim": optim_config(config),
-         "num_devices": config.num_devices},
-        sort_keys=True,
+    """`Programs` for `config.model`, `config.optim` and `config.num_devices`."""
+    model = build_model(common.model_config(config))
+    mesh = parallel.make_mesh(config.num_devices)
+    optim = optim_config(config)
+    return Programs(
+        model=model, mesh=mesh, init=training.make_init(model, optim, mesh),
+        train_step=training.make_train_step(model, optim, mesh),
+        eval_step=training.make_eval_step(model, mesh),
+        grad_stats=training.make_grad_stats_step(model, mesh),
     )
-    return _programs(key)
+
+
+def programs_key(config: ml_collections.ConfigDict) -> str:
+    """What `build_programs` depends on, as a string: runs with equal keys share programs."""
+    return json.dumps({"model": common.model_config(config).to_dict(),
+                       "optim": optim_config(config), "num_devices": config.num_devices},
+                      sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -272,79 +168,6 @@ def _loader(config, split: str, *, train_mode: bool, batch_size: int):
         worker_count=ds.worker_count if train_mode else 0,  # Eval: no worker start-up per pass.
         image_size=ds.image_size, read_threads=ds.read_threads,
     )
-
-
-class BatchCache:
-    """Keeps the batches (and grain iterator states) that runs read, so that later runs with the
-    same data stream, e.g. the other architectures of a sweep with the same seed, replay them
-    from memory instead of decoding them again. The batches and the checkpointed iterator states
-    are exactly the grain loader's, so checkpoints stay interchangeable with uncached runs.
-    Memory grows with the number of distinct batches read: for small datasets only.
-    """
-
-    def __init__(self):
-        self._train: dict[str, _Stream] = {}
-        self._eval: dict[str, list] = {}
-
-    def train_iterator(self, key: str, make_loader: Callable[[], Any]) -> "_ReplayIterator":
-        if key not in self._train:
-            self._train[key] = _Stream(iter(make_loader()).get_state())
-        return _ReplayIterator(self._train[key], make_loader)
-
-    def eval_batches(self, key: str, make_loader: Callable[[], Any]) -> list:
-        if key not in self._eval:
-            self._eval[key] = list(make_loader())
-        return self._eval[key]
-
-
-class _Stream:
-    def __init__(self, initial_state: bytes):
-        self.batches: list = []
-        self.states: list[bytes] = [initial_state]  # states[i]: after i batches.
-        self.position = {initial_state: 0}
-
-
-class _ReplayIterator:
-    """A grain iterator's `next` / `get_state` / `set_state`, served from a `_Stream` and
-    extending it from a real grain iterator when a run reads past its end."""
-
-    def __init__(self, stream: _Stream, make_loader):
-        self._stream, self._make_loader = stream, make_loader
-        self._pos: int | None = 0  # None: reading from `_source` only (state not in the stream).
-        self._source, self._source_pos = None, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        stream = self._stream
-        if self._pos is None:
-            return next(self._source)
-        if self._pos < len(stream.batches):
-            self._pos += 1
-            return stream.batches[self._pos - 1]
-        if self._source is None or self._source_pos != self._pos:
-            self._source = iter(self._make_loader())
-            self._source.set_state(stream.states[self._pos])
-        batch = next(self._source)
-        stream.batches.append(batch)  # Extend the shared stream.
-        state = self._source.get_state()
-        stream.states.append(state)
-        stream.position.setdefault(state, len(stream.batches))
-        self._pos = self._source_pos = self._pos + 1
-        return batch
-
-    def get_state(self) -> bytes:
-        if self._pos is None:
-            return self._source.get_state()
-        return self._stream.states[self._pos]
-
-    def set_state(self, state: bytes) -> None:
-        self._pos = self._stream.position.get(state)
-        self._source = self._source_pos = None
-        if self._pos is None:
-            self._source = iter(self._make_loader())
-            self._source.set_state(state)
 
 
 def _data_key(config, split: str) -> str:
@@ -361,15 +184,16 @@ def input_shape(config) -> tuple[int, ...]:
     shape = meta.image_shape
     if config.dataset.image_size:
         shape = (config.dataset.image_size, config.dataset.image_size, shape[-1])
-    if config.model.num_classes != meta.num_classes:
+    num_classes = common.model_config(config).num_classes
+    if num_classes != meta.num_classes:
         raise ValueError(
-            f"config.model.num_classes={config.model.num_classes} but {meta.name} has "
+            f"config.model.num_classes={num_classes} but {meta.name} has "
             f"{meta.num_classes} classes"
         )
     return (1,) + tuple(shape)
 
 
-def evaluate(programs: Programs, state, config, cache: BatchCache | None = None
+def evaluate(programs: Programs, state, config, cache: data.BatchCache | None = None
              ) -> dict[str, float]:
     """Mean `loss` and `error` over the whole `dataset.eval_split` (last batch padded+masked)."""
     local = config.eval_batch_size // jax.process_count()
@@ -454,26 +278,26 @@ class _Run:
     partial logging window, the last train and eval records, and the wall time so far.
     """
 
-    def __init__(self, config, workdir: str, cache: BatchCache | None):
+    def __init__(self, config, workdir: str, cache: data.BatchCache | None, programs: Programs | None):
         self.config, self.cache, self.start = config, cache, time.monotonic()
         self.primary = jax.process_index() == 0
         if self.primary:
             os.makedirs(workdir, exist_ok=True)
-        self.programs = build_programs(config)
+        self.programs = programs or build_programs(config)
         self.state = self.programs.init(config.seed, input_shape(config))
-        self.paths = train.param_paths(self.state.params)
+        self.paths = training.param_paths(self.state.params)
         split = config.dataset.train_split
         make = functools.partial(_loader, config, split, train_mode=True,
                                  batch_size=config.batch_size)
         self.data = iter(make()) if cache is None else cache.train_iterator(
             _data_key(config, split), make)
-        self.manager = train.make_checkpoint_manager(
+        self.manager = training.make_checkpoint_manager(
             os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
             max_to_keep=config.max_checkpoints_to_keep,
         )
         self.loop = {"window": _empty_window(), "last_train": None, "last_eval": None,
                      "wall_s": 0.0}
-        restored = train.restore_latest(self.manager, self.state)
+        restored = training.restore_latest(self.manager, self.state)
         resume = None
         if restored is not None:
             self.state, iterator_state, extra = restored
@@ -494,7 +318,7 @@ class _Run:
 
     def save(self) -> None:
         if self.manager.latest_step() != self.step:
-            train.save_checkpoint(self.manager, self.state, self.data.get_state(),
+            training.save_checkpoint(self.manager, self.state, self.data.get_state(),
                                   dict(self.loop, wall_s=self.wall_s()), force=True)
 
     def train_step(self) -> bool:
@@ -580,6 +404,7 @@ class _Run:
             "eval_error": last_eval.get("eval/error"),
             "wall_s": self.wall_s(),
             "config": self.config.to_dict(),
+            "model": self.programs.model.config.to_dict(),
         }
         if self.nonfinite:
             summary["nonfinite"] = self.nonfinite
@@ -587,14 +412,16 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       cache: BatchCache | None = None) -> dict[str, Any]:
+                       cache: data.BatchCache | None = None,
+                       programs: Programs | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
 
     See the module docstring for the files and statuses. `cache`: serve the data through a
-    `BatchCache` shared with other runs (same batches, read once).
+    `resflax.data.BatchCache` shared with other runs (same batches, read once). `programs`:
+    `build_programs(config)`'s result, to share compiled programs between runs.
     """
     check_config(config)
-    run = _Run(config, os.fspath(workdir), cache)
+    run = _Run(config, os.fspath(workdir), cache, programs)
     status = run.run()
     summary = run.summary(status)
     if run.primary:
@@ -614,6 +441,7 @@ def main(argv):
         parallel.initialize_distributed(
             flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
         )
+    common.command_line_family_switch(flags.FLAGS.config)
     summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     if summary["status"] == "stopped_nonfinite":
         raise SystemExit(1)

@@ -70,7 +70,7 @@ def main(argv):
     print("-" * len(header))
     for fields, shape in ZOO:
         row = describe(fields, shape, FLAGS.zoo_forward)
-        resolved = resflax.resolve_fields(fields)
+        resolved = resflax.ModelConfig.from_dict(fields).to_dict()
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
         std = "-" if row["logit_std"] is None else f"{row['logit_std']:.3g}"
         print(

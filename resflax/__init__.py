@@ -2,7 +2,11 @@
 deep plain networks are hard to train."""
 
 from resflax.blocks import Block
-from resflax.models import FAMILY_DEFAULTS, FIELDS, Network, build_model, resolve_fields
+from resflax.config import FAMILY_DEFAULTS, FIELDS, ModelConfig
+from resflax.models import Network, build_model, segments, stage_plan
 
-__all__ = ["Block", "FAMILY_DEFAULTS", "FIELDS", "Network", "build_model", "resolve_fields"]
+__all__ = [
+    "Block", "FAMILY_DEFAULTS", "FIELDS", "ModelConfig", "Network", "build_model", "segments",
+    "stage_plan",
+]
 __version__ = "0.1.0"

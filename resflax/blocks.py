@@ -84,8 +84,9 @@ class Block(nn.Module):
       shortcut: 'A', 'B' or 'C' (see module docstring).
       zero_init_residual: zero the last norm's scale (v1; Goyal et al. 2017) or, where the
         branch ends in a weight layer (v2, or no norm), that layer, so the branch is 0 at init.
-      residual_scale: alpha, a float, or 'learnable' for a scalar parameter initialized to 0
-        (SkipInit, De & Smith 2020; ReZero, Bachlechner et al. 2020).
+      residual_scale: alpha, the branch multiplier (the initial value when learnable).
+      learnable_residual_scale: alpha is a scalar parameter starting at `residual_scale`
+        (SkipInit, De & Smith 2020, and ReZero, Bachlechner et al. 2020: starting at 0).
       conv_impl: convolution implementation, see `layers.Conv` ('auto', 'canonical', 'xla').
       preact: v2 only: 'residual', 'shared' or 'none', see `PREACTS`.
     """
@@ -103,7 +104,8 @@ class Block(nn.Module):
     norm: Callable[..., nn.Module] = layers.BatchNorm
     shortcut: str = "B"
     zero_init_residual: bool = False
-    residual_scale: Any = 1.0
+    residual_scale: float = 1.0
+    learnable_residual_scale: bool = False
     conv_impl: str = "auto"
     preact: str = "residual"
     dtype: Any = None
@@ -151,8 +153,11 @@ class Block(nn.Module):
         )
 
     def _alpha(self) -> Array | float:
-        if self.residual_scale == "learnable":
-            return self.param("residual_scale", nn.initializers.zeros, (), self.param_dtype)
+        if self.learnable_residual_scale:
+            return self.param(
+                "residual_scale", nn.initializers.constant(self.residual_scale), (),
+                self.param_dtype,
+            )
         return self.residual_scale
 
     def _projection(self, x: Array) -> Array:

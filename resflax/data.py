@@ -26,7 +26,7 @@ import io
 import os
 import tempfile
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from absl import flags
 import grain
@@ -496,3 +496,79 @@ def make_loader(
         shard_options=shard,
         read_options=None if read_threads is None else grain.ReadOptions(num_threads=read_threads),
     )
+
+
+# ----------------------------------------------------------------------------- batch replay
+
+
+class BatchCache:
+    """Keeps the batches (and grain iterator states) that runs read, so that later runs with the
+    same data stream, e.g. the other architectures of a sweep with the same seed, replay them
+    from memory instead of decoding them again. The batches and the checkpointed iterator states
+    are exactly the grain loader's, so checkpoints stay interchangeable with uncached runs.
+    Memory grows with the number of distinct batches read: for small datasets only.
+    """
+
+    def __init__(self):
+        self._train: dict[str, _Stream] = {}
+        self._eval: dict[str, list] = {}
+
+    def train_iterator(self, key: str, make_loader: Callable[[], Any]) -> "_ReplayIterator":
+        if key not in self._train:
+            self._train[key] = _Stream(iter(make_loader()).get_state())
+        return _ReplayIterator(self._train[key], make_loader)
+
+    def eval_batches(self, key: str, make_loader: Callable[[], Any]) -> list:
+        if key not in self._eval:
+            self._eval[key] = list(make_loader())
+        return self._eval[key]
+
+
+class _Stream:
+    def __init__(self, initial_state: bytes):
+        self.batches: list = []
+        self.states: list[bytes] = [initial_state]  # states[i]: after i batches.
+        self.position = {initial_state: 0}
+
+
+class _ReplayIterator:
+    """A grain iterator's `next` / `get_state` / `set_state`, served from a `_Stream` and
+    extending it from a real grain iterator when a run reads past its end."""
+
+    def __init__(self, stream: _Stream, make_loader):
+        self._stream, self._make_loader = stream, make_loader
+        self._pos: int | None = 0  # None: reading from `_source` only (state not in the stream).
+        self._source, self._source_pos = None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        stream = self._stream
+        if self._pos is None:
+            return next(self._source)
+        if self._pos < len(stream.batches):
+            self._pos += 1
+            return stream.batches[self._pos - 1]
+        if self._source is None or self._source_pos != self._pos:
+            self._source = iter(self._make_loader())
+            self._source.set_state(stream.states[self._pos])
+        batch = next(self._source)
+        stream.batches.append(batch)  # Extend the shared stream.
+        state = self._source.get_state()
+        stream.states.append(state)
+        stream.position.setdefault(state, len(stream.batches))
+        self._pos = self._source_pos = self._pos + 1
+        return batch
+
+    def get_state(self) -> bytes:
+        if self._pos is None:
+            return self._source.get_state()
+        return self._stream.states[self._pos]
+
+    def set_state(self, state: bytes) -> None:
+        self._pos = self._stream.position.get(state)
+        self._source = self._source_pos = None
+        if self._pos is None:
+            self._source = iter(self._make_loader())
+            self._source.set_state(state)

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resflax import models
 from resflax.models import Network
 
 Array = jax.Array
@@ -168,24 +169,8 @@ def signal_statistics(signals) -> dict[str, Array]:
 
 
 def per_block_norms(model: Network, tree: Mapping) -> Array:
-    """`[L]`: the 2-norm of each block's part of a params-shaped tree (e.g. gradients).
-
-    Blocks of a scanned segment hold their parameters stacked on a leading axis; the norm is
-    taken per index of that axis.
-    """
-    norms = []
-    for path, _, length, stacked in model.segments():
-        sub = _subtree(tree, path)
-        leaves = jax.tree.leaves(sub)
-        if not leaves:
-            norms.append(jnp.zeros((length,)))
-            continue
-        if stacked:
-            sq = sum(_sq_norm(_at_least_f32(leaf), 1) for leaf in leaves)
-        else:
-            sq = sum(jnp.sum(jnp.square(_at_least_f32(leaf))) for leaf in leaves)[None]
-        norms.append(jnp.sqrt(sq))
-    return _concat(norms)
+    """`[L]`: the 2-norm of each block's part of a params-shaped tree (`models.per_block_norms`)."""
+    return models.per_block_norms(model.config, tree)
 
 
 def gradient_statistics(
@@ -379,7 +364,8 @@ def block_jacobian_statistics(
     frozen = model.clone(freeze_norm_stats=True)
     fro, stderr, spectral, change, iters, exact_flags = [], [], [], [], [], []
     prev_last, first_block = signals[0][-1], 0
-    for k, (path, factory, length, stacked) in enumerate(frozen.segments()):
+    for k, seg in enumerate(frozen.segments()):
+        path, factory, length, stacked = seg.path, seg.block, seg.length, seg.stacked
         outputs = signals[k + 1]
         # x_{l-1} for each block of the segment, [n, B, ...]; only a segment's first block can
         # change the shape, and a reshaping block is a segment of its own.

@@ -52,6 +52,7 @@ import numpy as np
 from numpy.polynomial.legendre import leggauss
 
 from resflax import layers
+from resflax.config import ModelConfig
 
 Activation = str | Callable[[Any], Any]
 
@@ -499,63 +500,49 @@ def effective_sigma_w2(init: str, weight_scale: float, fan_in: int, fan_out: int
     return weight_scale**2 * factor(fan_in, fan_out)
 
 
-_MODEL_KEYS = (
-    "family",
-    "block",
-    "depth",
-    "layers_per_block",
-    "activation",
-    "init",
-    "weight_scale",
-    "bias_scale",
-    "norm",
-    "residual_scale",
-    "width",
-)
-
-
 def predict(
-    model_fields: Mapping[str, Any],
+    config: ModelConfig,
     fwd_sq0: float,
     act_grad_sq_last: float,
     *,
     fwd_chan_var0: float | None = None,
     num_points: int = NUM_POINTS,
 ) -> dict[str, Any] | None:
-    """Mean-field curves for a model described by its fields, or None where theory stops.
+    """Mean-field curves for the network of `config`, or None where the theory stops.
 
     Applies to family='mlp' with layers_per_block=1 and either block='plain', norm='none'
-    (`plain_mlp_curves`) or block='v2', norm in {'none', 'batch'} with a real residual_scale
-    (`residual_mlp_curves`, alpha = residual_scale). sigma_w2 = `effective_sigma_w2(init,
-    weight_scale, width, width)`, sigma_b2 = bias_scale^2 (unused with batch norm: no bias).
-    Anchors: fwd_sq0 = measured fwd_sq[0] (stem output), act_grad_sq_last = measured
-    act_grad_sq[L] (head gradient); fwd_chan_var0 = measured fwd_chan_var[0] (batch norm only;
-    defaults to fwd_sq0). Other model fields are assumed at their defaults (batch-norm scale 1).
+    (`plain_mlp_curves`) or block='v2', norm in {'none', 'batch'} with a fixed (not learnable)
+    residual_scale (`residual_mlp_curves`, alpha = residual_scale). sigma_w2 =
+    `effective_sigma_w2(init, weight_scale, width, width)`, sigma_b2 = bias_scale^2 (unused with
+    batch norm: no bias). Other fields are assumed at their defaults (batch-norm scale 1).
 
-    Returns python floats/lists: fwd_sq [depth+1], act_grad_sq [depth+1], jac_fro_sq [depth]
-    (E ||dx_l/dx_{l-1}||_F^2 / n for l = 1..depth) and e2e_jac_fro_sq (their product, the mean
-    squared singular value of dx_L/dx_0).
+    Args:
+      config: a `resflax.ModelConfig`.
+      fwd_sq0: the measured `fwd_sq[0]` (stem output), the forward anchor.
+      act_grad_sq_last: the measured `act_grad_sq[L]` (the head's gradient), the backward anchor.
+      fwd_chan_var0: the measured `fwd_chan_var[0]` (batch norm only; defaults to `fwd_sq0`).
+      num_points: Gauss-Legendre nodes per quadrature panel.
+
+    Returns:
+      Python floats/lists: `fwd_sq` [depth+1], `act_grad_sq` [depth+1], `jac_fro_sq` [depth]
+      (E ||dx_l/dx_{l-1}||_F^2 / n for l = 1..depth) and `e2e_jac_fro_sq` (their product, the
+      mean squared singular value of dx_L/dx_0); or None outside the theory.
     """
-    missing = [key for key in _MODEL_KEYS if key not in model_fields]
-    if missing:
-        raise ValueError(f"model_fields is missing {missing}")
-    f = model_fields
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a resflax.ModelConfig, got {type(config).__name__}")
+    f = config.to_dict()
     plain = f["block"] == "plain" and f["norm"] == "none"
     residual = (
-        f["block"] == "v2"
-        and f["norm"] in ("none", "batch")
-        and isinstance(f["residual_scale"], Real)
-        and not isinstance(f["residual_scale"], bool)
+        f["block"] == "v2" and f["norm"] in ("none", "batch") and not f["learnable_residual_scale"]
     )
     if f["family"] != "mlp" or f["layers_per_block"] != 1 or not (plain or residual):
         return None
-    _activation(f["activation"])
-    width = _count(f["width"], "width", low=1)
+    width = f["width"]
     sigma_w2 = effective_sigma_w2(f["init"], f["weight_scale"], width, width)
     if f["norm"] == "batch":
         sigma_b2 = 0.0  # Normalized branches have no bias.
     else:
-        sigma_b2 = _number(f["bias_scale"], "bias_scale", low=-math.inf) ** 2
+        sigma_b2 = f["bias_scale"] ** 2
     args = (f["activation"], sigma_w2, sigma_b2, f["depth"], fwd_sq0, act_grad_sq_last)
     if plain:
         curves = plain_mlp_curves(*args, num_points=num_points)

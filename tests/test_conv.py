@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import resflax
-from resflax import conv, parallel, train
+from resflax import conv, parallel, training
 from resflax import diagnostics as dg
 from resflax.models import unroll_variables
 
@@ -212,8 +212,8 @@ def test_compiled_scanned_train_step_and_diagnostics_have_only_canonical_loop_co
         # Depth 20: two repeated blocks per stage, a loop XLA keeps (it unrolls trip count 1).
         model = resflax.build_model(dict(family="cifar_resnet", block="v2", depth=20, width=4,
                                          shortcut="B", conv_impl=impl))
-        state = train.create_train_state(model, optim, jax.random.key(0), x, mesh)
-        step_text = _compiled_text(train.make_train_step(model, optim, mesh), state, batch)
+        state = training.create_train_state(model, optim, jax.random.key(0), x, mesh)
+        step_text = _compiled_text(training.make_train_step(model, optim, mesh), state, batch)
         variables = model.init(jax.random.key(0), x)
         diagnostics = dg.make_diagnostics(model, dg.Options(fro_method="hutchinson"))
         diag_text = _compiled_text(diagnostics, variables, x, jnp.zeros((8,), jnp.int32),

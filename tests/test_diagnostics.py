@@ -19,7 +19,7 @@ def run(fields, x, labels=None, seed=0, **options):
     model = resflax.build_model(fields)
     variables = model.init(jax.random.key(seed), x)
     if labels is None:
-        labels = jnp.arange(x.shape[0]) % model.num_classes
+        labels = jnp.arange(x.shape[0]) % model.config.num_classes
     fn = dg.make_diagnostics(model, dg.Options(**options))
     return model, variables, labels, dg.to_python(fn(variables, x, labels, jax.random.key(seed + 1)))
 
@@ -80,7 +80,7 @@ def test_zero_residual_conv_blocks_are_identities_or_their_shared_preactivation(
                                    end_to_end=False, power_iterations=400, power_tol=0.0)
     (_, signals), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
     xs = [s[i] for s in signals for i in range(s.shape[0])]
-    firsts = [path[1] == "first" for path, _, length, _ in model.segments() for _ in range(length)]
+    firsts = [seg.path[1] == "first" for seg in model.segments() for _ in range(seg.length)]
     assert sum(firsts) == 3
     for l, first in enumerate(firsts, start=1):
         prev = np.asarray(xs[l - 1], np.float64)
@@ -132,7 +132,7 @@ def brute_force(fields, x, labels, variables, train):
     grads = jax.grad(lambda p: total_loss(zeros[0], 0, p) / batch)(variables["params"])
     param_grad_norm = [
         float(np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(grads[stage][name]))))
-        for (path, *_) in model.segments()
+        for path in (seg.path for seg in model.segments())
         for stage, name in [path[:2]]
     ]
 
@@ -290,7 +290,7 @@ def measure_against_theory(fields, batch=128, input_scale=1.0):
         out = fn(variables, x, labels)
         blocks = {k: np.asarray(out[k], np.float64) for k in ("fwd_sq", "act_grad_sq", "fwd_chan_var")}
         pred = theory.predict(
-            model.fields(), fwd_sq0=blocks["fwd_sq"][0],
+            model.config, fwd_sq0=blocks["fwd_sq"][0],
             act_grad_sq_last=blocks["act_grad_sq"][-1], fwd_chan_var0=blocks["fwd_chan_var"][0],
         )
         assert pred is not None

@@ -21,8 +21,9 @@ from configs import train as train_config
 from experiments import degradation, reporting
 from experiments import train as app
 import resflax
-from resflax import data, parallel, train
-from resflax.models import FIELDS
+from resflax import data, parallel, training
+from experiments import common
+from resflax.config import FIELDS, config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def tiny_config(data_dir, **overrides):
     """A 2-block v1 MLP of width 16 on digits, batch 16, 30 steps."""
     c = train_config.get_config()
     c.dataset.data_dir = data_dir
-    c.model = app.model_config(family="mlp", block="v1", depth=2, width=16, layers_per_block=2,
+    c.model = config_dict(family="mlp", block="v1", depth=2, width=16, layers_per_block=2,
                                norm="batch")
     c.optim.learning_rate = 0.1
     c.optim.boundaries = (20,)
@@ -64,8 +65,8 @@ def records(workdir, drop_perf=True):
 def final_state(config, workdir):
     programs = app.build_programs(config)
     target = programs.init(config.seed, app.input_shape(config))
-    manager = train.make_checkpoint_manager(os.path.join(workdir, app.CHECKPOINT_DIR))
-    state, iterator_state, _ = train.restore_latest(manager, target)
+    manager = training.make_checkpoint_manager(os.path.join(workdir, app.CHECKPOINT_DIR))
+    state, iterator_state, _ = training.restore_latest(manager, target)
     manager.close()
     return jax.tree.map(np.asarray, jax.device_get(state)), iterator_state
 
@@ -106,12 +107,12 @@ def test_digits_end_to_end_learns_evaluates_and_writes_files(digits_dir, tmp_pat
     assert [r["step"] for r in grad_rs] == [0, 5, 10, 15, 20, 25]
     programs = app.build_programs(config)
     assert all(len(r["param_grad_norm"]) == programs.model.num_blocks() == 2 for r in grad_rs)
-    assert {"grad_norm/stem_layer", "grad_norm/stages_0", "grad_norm/head"} <= set(grad_rs[0])
+    assert {"grad_norm/stem", "grad_norm/stages_0", "grad_norm/head"} <= set(grad_rs[0])
 
     # The app's initializer (one compile for every seed) is the library's create_train_state.
     shape = app.input_shape(config)
     ours = programs.init(3, shape)
-    ref = train.create_train_state(programs.model, app.optim_config(config), jax.random.key(3),
+    ref = training.create_train_state(programs.model, app.optim_config(config), jax.random.key(3),
                                    np.zeros(shape, np.float32), programs.mesh)
     assert_trees_equal(jax.device_get(ours), jax.device_get(ref))
 
@@ -127,7 +128,7 @@ def test_mock_cifar10_end_to_end(tmp_path):
     config = tiny_config(
         str(tmp_path / "tfds"), **{"dataset.name": "cifar10", "dataset.augment": "cifar"}
     )
-    config.model = app.model_config(family="cifar_resnet", block="v1", depth=8, width=4)
+    config.model = config_dict(family="cifar_resnet", block="v1", depth=8, width=4)
     config.batch_size, config.eval_batch_size, config.num_train_steps = 8, 16, 4
     config.log_every_steps, config.eval_every_steps, config.grad_norm_every_steps = 2, 4, 2
     with tfds.testing.mock_data(num_examples=24):
@@ -144,6 +145,7 @@ def test_mock_cifar10_end_to_end(tmp_path):
 
 def test_block_grad_norms_split_scanned_layers():
     from resflax import build_model
+    from resflax.models import per_block_norms
 
     model = build_model(dict(family="cifar_resnet", depth=14, width=2))  # 2 blocks per stage.
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3))))
@@ -151,7 +153,7 @@ def test_block_grad_norms_split_scanned_layers():
     stage0 = grads["stages_0"]["rest"]["block"]  # Stacked [2, ...] leaves.
     for leaf in jax.tree.leaves(stage0):
         leaf[1] *= 2.0  # The second scanned block: norm doubles.
-    norms = np.asarray(app.block_grad_norms(model, grads))
+    norms = np.asarray(per_block_norms(model.config, grads))
     assert norms.shape == (model.num_blocks(),) == (6,)
     per_layer = np.sqrt(sum(leaf[0].size for leaf in jax.tree.leaves(stage0)))
     np.testing.assert_allclose(norms[:2], [per_layer, 2 * per_layer], rtol=1e-6)
@@ -185,7 +187,7 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(digits_dir, tmp_path):
     config = tiny_config(digits_dir)
     straight = app.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    cache = app.BatchCache()
+    cache = data.BatchCache()
     a = str(tmp_path / "a")
     stopped = app.train_and_evaluate(tiny_config(digits_dir, stop_at_step=13), a, cache=cache)
     assert stopped["status"] == "preempted" and stopped["step"] == 13
@@ -198,7 +200,7 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(digits_dir, tmp_path):
     assert any(r["step"] == 12 for r in records(b))
 
     resumed_a = app.train_and_evaluate(config, a, cache=cache)  # Replays, then extends.
-    resumed_b = app.train_and_evaluate(config, b, cache=app.BatchCache())  # Reads grain.
+    resumed_b = app.train_and_evaluate(config, b, cache=data.BatchCache())  # Reads grain.
     replayed = app.train_and_evaluate(config, str(tmp_path / "replayed"), cache=cache)
 
     want_state, want_iterator = final_state(config, str(tmp_path / "straight"))
@@ -217,12 +219,12 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(digits_dir, tmp_path):
 
 def test_nonfinite_loss_stops_with_the_step_and_parameter(digits_dir, tmp_path):
     config = tiny_config(digits_dir, **{"optim.learning_rate": 1e30, "optim.momentum": 0.0})
-    config.model = app.model_config(family="mlp", block="plain", depth=2, width=4, norm="none")
+    config.model = config_dict(family="mlp", block="plain", depth=2, width=4, norm="none")
     summary = app.train_and_evaluate(config, str(tmp_path))
     assert summary["status"] == "stopped_nonfinite"
     bad = summary["nonfinite"]
     assert summary["step"] == bad["step"] < 10
-    paths = train.param_paths(app.build_programs(config).init(0, app.input_shape(config)).params)
+    paths = training.param_paths(app.build_programs(config).init(0, app.input_shape(config)).params)
     assert bad["param"] is None or bad["param"] in paths
     assert reporting.read_json(tmp_path / "summary.json")["status"] == "stopped_nonfinite"
     assert not os.listdir(tmp_path / "checkpoints")  # No checkpoint of a failed step.
@@ -254,7 +256,8 @@ def test_degradation_sweep_writes_results_and_plot(digits_dir, tmp_path):
     config = digits_degradation.get_config()
     config.dataset.data_dir = digits_dir
     config.model.width = 4
-    config.nets = ("block=plain,depth=1", "block=v1,depth=2")
+    config.nets = ({"model.block": "plain", "model.depth": 1},
+                   {"model.block": "v1", "model.depth": 2})
     config.seeds = (0, 1)
     config.batch_size, config.eval_batch_size, config.num_train_steps = 16, 180, 6
     config.log_every_steps, config.eval_every_steps, config.grad_norm_every_steps = 2, 6, 3
@@ -301,7 +304,7 @@ def test_degradation_sweep_writes_results_and_plot(digits_dir, tmp_path):
     [
         ("model.block", "resnet", r"config\.model: block='resnet'.*allowed values"),
         ("model.depth", 0, r"config\.model: depth=0"),
-        ("model.residual_scale", "big", r"config\.model\.residual_scale='big'.*'learnable'"),
+        ("model.weight_scale", -2.0, r"config\.model: weight_scale=-2.0 must be a number >= 0"),
         ("optim.name", "rmsprop", r"config\.optim\.name.*allowed values"),
         ("optim.schedule", "linear", r"config\.optim\.schedule.*allowed values"),
         ("dataset.augment", "mixup", r"config\.dataset\.augment='mixup'.*allowed values"),
@@ -328,11 +331,12 @@ def test_wrong_num_classes_names_the_field(digits_dir):
 @pytest.mark.parametrize(
     "net, message",
     [
-        ("block=plain,colour=red", r"unknown field 'colour'.*allowed model fields"),
-        ("block=plain,depth", r"'depth' is not field=value"),
-        ("block=plain,optim.nope=1", r"unknown field 'optim\.nope'"),
-        ("block=plain,depth=deep", r"config\.nets entry .*depth"),
-        ("block=nope", r"config\.model: block='nope'"),
+        ({"model.block": "plain", "model.colour": "red"},
+         r"unknown field 'model\.colour'.*allowed model fields"),
+        ("block=plain,depth=1", r"config\.nets=.*must be a non-empty tuple of dicts"),
+        ({"model.block": "plain", "optim.nope": 1}, r"unknown field 'optim\.nope'"),
+        ({"model.block": "plain", "model.depth": "deep"}, r"config\.nets entry .*depth"),
+        ({"model.block": "nope"}, r"config\.model: block='nope'"),
     ],
 )
 def test_bad_degradation_nets(net, message):
@@ -343,25 +347,59 @@ def test_bad_degradation_nets(net, message):
 
 
 def parse_flags(*args):
-    """`--config=...` command-line arguments as experiments/ parse them."""
+    """`--config=...` command-line arguments as experiments/ parse them (the family rule of
+    `experiments.common` included)."""
     argv = ["prog", *args]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
     fv(argv)
+    common.command_line_family_switch(fv.config, flag_values=fv)
     return fv.config
+
+
+@pytest.mark.parametrize("config_file", ["train", "gradient_flow", "digits_degradation"])
+def test_choosing_a_family_on_the_command_line_gives_that_familys_net(config_file):
+    """`--config.model.family=cifar_resnet --config.model.depth=56` is He et al.'s ResNet-56 in
+    every app, whatever MLP preset the config file holds (width 64, no norm, 2 layers per block)."""
+    config = parse_flags(f"--config={REPO}/configs/{config_file}.py",
+                         "--config.model.family=cifar_resnet", "--config.model.depth=56")
+    model = common.model_config(config)
+    assert model == resflax.ModelConfig(family="cifar_resnet", depth=56)
+    assert (model.block, model.width, model.norm, model.shortcut) == ("v1", 16, "batch", "A")
+    # Fields given with the family are kept; the same family keeps the file's fields.
+    config = parse_flags(f"--config={REPO}/configs/{config_file}.py",
+                         "--config.model.family=cifar_resnet", "--config.model.block=v2",
+                         "--config.model.depth=20", "--config.model.width=8")
+    assert common.model_config(config) == resflax.ModelConfig(
+        family="cifar_resnet", block="v2", depth=20, width=8)
+    base = common.model_config(parse_flags(f"--config={REPO}/configs/{config_file}.py"))
+    same = parse_flags(f"--config={REPO}/configs/{config_file}.py", "--config.model.family=mlp")
+    assert common.model_config(same) == base
+
+
+def test_sweep_overrides_that_change_the_family_start_from_its_defaults():
+    config = train_config.get_config()  # An MLP: width 64, two layers per block.
+    run = common.apply_overrides(config, {"model.family": "cifar_resnet", "model.depth": 56})
+    assert common.model_config(run) == resflax.ModelConfig(family="cifar_resnet", depth=56)
+    run = common.apply_overrides(config, {"model.depth": 3, "optim.learning_rate": 0.5})
+    assert common.model_config(run).width == 64 and run.optim.learning_rate == 0.5
+    assert config.model.depth == 9  # The original is left alone.
+    with pytest.raises(ValueError, match=r"unknown field 'optim\.nope'"):
+        common.apply_overrides(config, {"optim.nope": 1})
 
 
 def test_command_line_overrides_type_check():
     config = parse_flags(
         f"--config={REPO}/configs/train.py", "--config.model.depth=5",
-        "--config.model.residual_scale=learnable", "--config.optim.clip_global_norm=1.5",
-        "--config.dataset.data_dir=/tmp/x",
+        "--config.model.residual_scale=0", "--config.model.learnable_residual_scale=True",
+        "--config.optim.clip_global_norm=1.5", "--config.dataset.data_dir=/tmp/x",
     )
-    fields = app.model_fields(config.model)
-    assert fields["depth"] == 5 and fields["residual_scale"] == "learnable"
+    fields = common.model_config(config).to_dict()
+    assert fields["depth"] == 5 and fields["learnable_residual_scale"] is True
+    assert fields["residual_scale"] == 0.0
     assert config.optim.clip_global_norm == 1.5 and config.dataset.data_dir == "/tmp/x"
     config = parse_flags(f"--config={REPO}/configs/train.py", "--config.model.residual_scale=0.25")
-    assert app.model_fields(config.model)["residual_scale"] == 0.25
+    assert common.model_config(config).residual_scale == 0.25
     with pytest.raises(flags.IllegalFlagValueError, match="depth"):
         parse_flags(f"--config={REPO}/configs/train.py", "--config.model.depth=deep")
     for name in ("cifar10_he2015", "digits_degradation"):
@@ -374,7 +412,7 @@ def test_he2015_config_builds_the_papers_nets():
     config = parse_flags(f"--config={REPO}/configs/cifar10_he2015.py")
     models = {}
     for net in config.nets:
-        fields = app.model_fields(degradation.run_config(config, net, 0).model)
+        fields = common.model_config(degradation.run_config(config, net, 0)).to_dict()
         models[(fields["block"], fields["depth"])] = fields
     for (block, depth), fields in models.items():
         assert fields["shortcut"] == ("B" if block == "v2" else "A"), (block, depth)

@@ -10,15 +10,17 @@ import pytest
 
 from configs import gradient_flow as gf_config
 from experiments import gradient_flow
-from resflax.models import FIELDS
+from resflax.config import FIELDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_SWEEP = (
-    dict(name="plain", family="mlp", block="plain", depth=2, width=8),
-    dict(name="v2 bn", family="mlp", block="v2", depth=4, width=8, norm="batch"),
-    dict(name="cifar v1", family="cifar_resnet", block="v1", depth=8, width=4, norm="batch",
-         shortcut="A"),
+    {"name": "plain", "model.family": "mlp", "model.block": "plain", "model.depth": 2,
+     "model.width": 8},
+    {"name": "v2 bn", "model.family": "mlp", "model.block": "v2", "model.depth": 4,
+     "model.width": 8, "model.norm": "batch"},
+    {"name": "cifar v1", "model.family": "cifar_resnet", "model.block": "v1", "model.depth": 8,
+     "model.width": 4, "model.norm": "batch", "model.shortcut": "A"},
 )
 
 
@@ -122,11 +124,14 @@ def test_bad_model_field_names_it(tmp_path, change, message):
 
 def test_bad_config_fields_name_them(tmp_path):
     config = tiny_config()
-    config.sweep = (dict(depth=2, colour="red"),)
+    config.sweep = ({"model.depth": 2, "model.colour": "red"},)
     with pytest.raises(ValueError, match=r"sweep\[0\].*colour"):
         gradient_flow.run(config, str(tmp_path))
+    config.sweep = ({"model.depth": 2, "batch_size": 3},)
+    with pytest.raises(ValueError, match=r"sweep\[0\].*batch_size.*not model fields"):
+        gradient_flow.run(config, str(tmp_path))
     config = tiny_config()
-    config.sweep = (dict(depth=2, width=-1),)
+    config.sweep = ({"model.depth": 2, "model.width": -1},)
     with pytest.raises(ValueError, match=r"sweep\[0\].*width=-1"):
         gradient_flow.run(config, str(tmp_path))
     config = tiny_config("single")
@@ -172,11 +177,11 @@ def test_command_line_errors_are_one_line(tmp_path):
         "--config=configs/gradient_flow.py:single", "--config.data.name=mnist",
         f"--config.data.data_dir={data_dir}", f"--workdir={tmp_path / 'work'}",
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("gradient_flow: error:") and "mnist" in last and data_dir in last
     proc = _cli("--config=configs/gradient_flow.py:single", "--config.model.dept=3",
                 f"--workdir={tmp_path / 'work'}")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "dept" in proc.stderr.strip().splitlines()[-1]

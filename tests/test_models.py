@@ -78,7 +78,7 @@ def test_projection_shortcuts_add_what_they_should():
 
 def test_learnable_residual_scale_adds_one_scalar_per_block():
     base = dict(family="cifar_resnet", depth=20)
-    assert num_params(dict(base, residual_scale="learnable")) - num_params(base) == 9
+    assert num_params(dict(base, residual_scale=0.0, learnable_residual_scale=True)) - num_params(base) == 9
 
 
 def test_mlp_parameter_count():
@@ -153,7 +153,7 @@ def test_v2_with_silent_branches_is_the_identity_except_each_conv_stages_first_u
     (_, signals), _ = model.apply(variables, x, train=train, mutable=["batch_stats"])
     xs = unstack(signals)
     assert len(xs) == model.num_blocks() + 1
-    firsts = [path[1] == "first" for path, _, length, _ in model.segments() for _ in range(length)]
+    firsts = [seg.path[1] == "first" for seg in model.segments() for _ in range(seg.length)]
     assert sum(firsts) == (3 if family != "mlp" else 0)
     for prev, cur, first in zip(xs, xs[1:], firsts):
         if first:
@@ -197,7 +197,7 @@ def test_v2_cifar_first_unit_is_he_et_al_2016s_formula_by_hand_in_float64():
     with jax.enable_x64(True):
         x, xs, params = _float64_signals(fields, (4, 8, 8, 3), seed=3)
         unit = params["stages_0"]["first"]["block"]
-        x0 = _conv(x, params["stem_layer"]["kernel"])
+        x0 = _conv(x, params["stem"]["layer"]["kernel"])
         preact = jax.nn.relu(_bn(x0, unit["norm_0"]))
         h = _conv(jax.nn.relu(_bn(_conv(preact, unit["w_0"]["kernel"]), unit["norm_1"])),
                   unit["w_1"]["kernel"])
@@ -226,7 +226,7 @@ def test_v2_imagenet_first_unit_takes_the_stems_activation_as_its_preactivation(
         x, xs, params = _float64_signals(fields, (3, 32, 32, 3), seed=5)
         unit = params["stages_0"]["first"]["block"]
         assert "norm_0" not in unit and "norm_0" in params["stages_1"]["first"]["block"]
-        stem = jax.nn.relu(_bn(_conv(x, params["stem_layer"]["kernel"], 2), params["stem_norm"]))
+        stem = jax.nn.relu(_bn(_conv(x, params["stem"]["layer"]["kernel"], 2), params["stem"]["norm"]))
         x0 = jax.lax.reduce_window(stem, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                    ((0, 0), (1, 1), (1, 1), (0, 0)))
         h = _conv(jax.nn.relu(_bn(_conv(x0, unit["w_0"]["kernel"]), unit["norm_1"])),
@@ -271,7 +271,7 @@ def test_mlp_plain_is_exactly_the_mean_field_network():
     p = variables["params"]
     kernels = p["stages_0"]["rest"]["block"]["w_0"]["kernel"]  # [L, n, n]
     biases = p["stages_0"]["rest"]["block"]["w_0"]["bias"]
-    x = u @ p["stem_layer"]["kernel"] + p["stem_layer"]["bias"]  # Linear stem.
+    x = u @ p["stem"]["layer"]["kernel"] + p["stem"]["layer"]["bias"]  # Linear stem.
     expected = [x]
     for l in range(depth):
         x = jnp.tanh(x @ kernels[l] + biases[l])
@@ -499,7 +499,7 @@ def test_build_model_accepts_a_config_dict():
     import ml_collections
 
     cfg = ml_collections.ConfigDict(dict(family="mlp", depth=2, width=3))
-    assert resflax.build_model(cfg).fields()["width"] == 3
+    assert resflax.build_model(cfg).config.width == 3
 
 
 # ------------------------------------------------------------------ clear errors
@@ -524,7 +524,8 @@ def test_build_model_accepts_a_config_dict():
         (dict(weight_scale=-1.0), r"weight_scale=-1.0 must be a number >= 0"),
         (dict(layers_per_block=3), r"layers_per_block=3.*allowed values: \[1, 2\]"),
         (dict(family="cifar_resnet", layers_per_block=2), r"layers_per_block=2 applies to"),
-        (dict(residual_scale="big"), r"residual_scale='big' must be a number or 'learnable'"),
+        (dict(residual_scale="big"), r"residual_scale='big' must be a number"),
+        (dict(learnable_residual_scale=True), r"learnable_residual_scale=True needs a skip connection"),
         (dict(residual_scale=0.5), r"residual_scale=0.5 needs a skip connection"),
         (dict(dtype="float8"), r"dtype='float8'.*allowed values"),
         (dict(dtype="float64"), r"jax_enable_x64"),
@@ -549,7 +550,7 @@ def test_running_variance_is_biased_by_default_and_unbiased_on_request(family, s
         _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
         # The first batch norm: the CIFAR stem's, or the first MLP block's (stacked).
         stats = state["batch_stats"]
-        updated[convention] = (stats["stem_norm"] if family != "mlp" else
+        updated[convention] = (stats["stem"]["norm"] if family != "mlp" else
                                stats["stages_0"]["rest"]["block"]["norm_0"])["var"]
     var_b, var_u = (np.asarray(updated[c]) for c in ("biased", "unbiased"))
     n = np.prod(shape[:-1])

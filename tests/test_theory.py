@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.integrate import simpson
 
+import resflax
 from resflax import theory
 from resflax.layers import ACTIVATIONS
 
@@ -239,7 +240,7 @@ def _fields(**overrides):
         width=128,
     )
     fields.update(overrides)
-    return fields
+    return resflax.ModelConfig(**fields)
 
 
 def test_predict_dispatches_to_the_curves():
@@ -254,20 +255,19 @@ def test_predict_dispatches_to_the_curves():
 
     he = _fields(block="v2", activation="relu", init="he_normal", weight_scale=1.0, bias_scale=0.0)
     np.testing.assert_allclose(theory.predict(he, 1.0, 1.0)["fwd_sq"], 2.0 ** np.arange(6))
-    bn = theory.predict(dict(he, norm="batch", bias_scale=0.3, residual_scale=0.5), 1.0, 1.0)
+    bn = theory.predict(he.replace(norm="batch", bias_scale=0.3, residual_scale=0.5), 1.0, 1.0)
     np.testing.assert_allclose(bn["fwd_sq"], 1.0 + 0.25 * np.arange(6), rtol=1e-13)
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(family="cnn"),
+        dict(family="cifar_resnet", depth=8, layers_per_block=None, width=4),
         dict(layers_per_block=2),
         dict(block="v1"),
         dict(block="plain", norm="batch"),
         dict(block="v2", norm="layer"),
-        dict(block="v2", residual_scale=None),
-        dict(block="v2", residual_scale="learnable"),
+        dict(block="v2", residual_scale=0.0, learnable_residual_scale=True),
     ],
 )
 def test_predict_returns_none_outside_the_theory(overrides):
@@ -277,7 +277,7 @@ def test_predict_returns_none_outside_the_theory(overrides):
 @pytest.mark.parametrize(
     "call, name",
     [
-        (lambda: theory.predict({"family": "mlp"}, 1.0, 1.0), "model_fields"),
+        (lambda: theory.predict({"family": "mlp"}, 1.0, 1.0), "config must be a resflax.ModelConfig"),
         (lambda: theory.predict(_fields(activation="swishy"), 1.0, 1.0), "activation"),
         (lambda: theory.predict(_fields(init="kaiming"), 1.0, 1.0), "init"),
         (lambda: theory.predict(_fields(depth=-1), 1.0, 1.0), "depth"),

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from resflax import parallel, train
+from resflax import parallel, training
 from resflax.layers import BatchNorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def norm(tree):
 def _initial_variables():
     mesh = parallel.make_mesh(1)
     example = make_batch(0)["image"]
-    state = train.create_train_state(TinyNet(), optim(), jax.random.key(0), example, mesh)
+    state = training.create_train_state(TinyNet(), optim(), jax.random.key(0), example, mesh)
     return to_numpy((state.params, state.batch_stats, state.rng))
 
 
@@ -93,8 +93,8 @@ def fresh_state(cfg, mesh):
     """`create_train_state(TinyNet(), cfg, key(0), ...)`, reusing one compiled init (XLA on CPU
     takes seconds to compile random initializers)."""
     params, batch_stats, rng = _initial_variables()
-    tx = train.make_optimizer(cfg)
-    state = train.TrainState(np.int32(0), params, batch_stats, tx.init(params), rng)
+    tx = training.make_optimizer(cfg)
+    state = training.TrainState(np.int32(0), params, batch_stats, tx.init(params), rng)
     return jax.device_put(state, parallel.replicated(mesh))
 
 
@@ -115,8 +115,8 @@ def mesh():
 def test_loss_decreases_on_a_fixed_batch(mesh):
     model, cfg = TinyNet(), optim(learning_rate=0.1)
     batch = parallel.global_batch(mesh, make_batch(0))
-    state = train.create_train_state(model, cfg, jax.random.key(0), batch["image"], mesh)
-    step = train.make_train_step(model, cfg, mesh)
+    state = training.create_train_state(model, cfg, jax.random.key(0), batch["image"], mesh)
+    step = training.make_train_step(model, cfg, mesh)
     losses = []
     for _ in range(30):
         state, m = step(state, batch)
@@ -126,7 +126,7 @@ def test_loss_decreases_on_a_fixed_batch(mesh):
     assert int(state.step) == 30
     # Batch-norm running statistics moved away from their init (0, 1).
     assert not np.allclose(np.asarray(state.batch_stats["BatchNorm_0"]["mean"]), 0.0)
-    metrics = train.make_eval_step(model, mesh)(state, batch)
+    metrics = training.make_eval_step(model, mesh)(state, batch)
     assert 0.0 <= float(metrics["error"]) <= 1.0 and float(metrics["count"]) == 8
 
 
@@ -138,7 +138,7 @@ def _grads(norm_, seed=0):
 
 def test_clip_by_global_norm_bounds_the_sgd_update_exactly():
     c = 1.0
-    tx = train.make_optimizer(optim(learning_rate=1.0, momentum=0.0, clip_global_norm=c))
+    tx = training.make_optimizer(optim(learning_rate=1.0, momentum=0.0, clip_global_norm=c))
     params = jax.tree.map(jnp.ones_like, _grads(1.0))
     big = _grads(10.0)
     update, _ = tx.update(big, tx.init(params), params)
@@ -155,7 +155,7 @@ def test_train_step_reports_grad_norm_before_clipping(mesh):
     batch = parallel.global_batch(mesh, make_batch(1))
     state = fresh_state(cfg, mesh)
     before = to_numpy(state.params)
-    state, m = train.make_train_step(model, cfg, mesh)(state, batch)
+    state, m = training.make_train_step(model, cfg, mesh)(state, batch)
     delta = jax.tree.map(lambda a, b: a - b, to_numpy(state.params), before)
     assert float(m["grad_norm"]) > 10 * c
     np.testing.assert_allclose(norm(delta), c, rtol=1e-3)
@@ -163,7 +163,7 @@ def test_train_step_reports_grad_norm_before_clipping(mesh):
 
 def test_adaptive_clip_bounds_unitwise_ratio():
     lam = 0.01
-    tx = train.make_optimizer(optim(learning_rate=1.0, momentum=0.0, adaptive_clip=lam))
+    tx = training.make_optimizer(optim(learning_rate=1.0, momentum=0.0, adaptive_clip=lam))
     params = {"d": {"kernel": jnp.ones((5, 3))}}
     grads = {"d": {"kernel": 100.0 * jnp.arange(15.0).reshape(5, 3)}}
     update, _ = tx.update(grads, tx.init(params), params)
@@ -186,7 +186,7 @@ def _decay_params():
 @pytest.mark.parametrize("mask", ["all", "kernels"])
 def test_weight_decay_mask(name, mask):
     wd = 0.1
-    tx = train.make_optimizer(
+    tx = training.make_optimizer(
         optim(name=name, learning_rate=1.0, momentum=0.0, weight_decay=wd, weight_decay_mask=mask)
     )
     params = _decay_params()
@@ -207,7 +207,7 @@ def test_he_et_al_piecewise_schedule_with_constant_warmup():
         schedule="piecewise", boundaries=[32000, 48000], decay_factor=0.1,
         warmup_steps=400, warmup_lr=0.01,
     )
-    lr = train.make_schedule(cfg)
+    lr = training.make_schedule(cfg)
     expected = {0: 0.01, 399: 0.01, 400: 0.1, 31999: 0.1, 32000: 0.01, 47999: 0.01,
                 48000: 0.001, 63999: 0.001}
     for step, value in expected.items():
@@ -217,10 +217,10 @@ def test_he_et_al_piecewise_schedule_with_constant_warmup():
 
 def test_cosine_and_constant_schedules():
     cfg = optim(schedule="cosine", total_steps=110, warmup_steps=10, warmup_lr=0.0)
-    lr = train.make_schedule(cfg)
+    lr = training.make_schedule(cfg)
     values = [float(lr(s)) for s in (0, 9, 10, 60, 110)]
     np.testing.assert_allclose(values, [0, 0, 0.1, 0.05, 0], atol=1e-7)
-    assert float(train.make_schedule(optim())(12345)) == pytest.approx(0.1)
+    assert float(training.make_schedule(optim())(12345)) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +229,7 @@ def test_cosine_and_constant_schedules():
 )
 def test_unknown_names_raise(field, value):
     with pytest.raises(ValueError, match=rf"optim\.{field}.*allowed values"):
-        train.make_optimizer(optim(**{field: value}))
+        training.make_optimizer(optim(**{field: value}))
 
 
 # ------------------------------------------------------------------ non-finite detection
@@ -237,7 +237,7 @@ def test_unknown_names_raise(field, value):
 
 def test_nan_input_is_reported_and_not_applied(mesh):
     model, cfg = TinyNet(), optim()
-    step = train.make_train_step(model, cfg, mesh)
+    step = training.make_train_step(model, cfg, mesh)
     state = fresh_state(cfg, mesh)
     for i in range(2):
         state, m = step(state, parallel.global_batch(mesh, make_batch(i)))
@@ -255,7 +255,7 @@ def test_nan_input_is_reported_and_not_applied(mesh):
 
 def test_huge_learning_rate_is_caught_and_state_stays_finite(mesh):
     model, cfg = TinyNet(), optim(learning_rate=1e30, momentum=0.0)
-    step = train.make_train_step(model, cfg, mesh)
+    step = training.make_train_step(model, cfg, mesh)
     state = fresh_state(cfg, mesh)
     failed = None
     for i in range(5):
@@ -272,9 +272,9 @@ def test_nonfinite_leaf_names_the_parameter(mesh):
     model, cfg = SqrtGain(), optim()
     batch = parallel.global_batch(mesh, {"image": np.ones((4, 5), np.float32),
                                          "label": np.zeros(4, np.int32)})
-    state = train.create_train_state(model, cfg, jax.random.key(0), batch["image"], mesh)
-    paths = train.param_paths(state.params)
-    state, m = train.make_train_step(model, cfg, mesh)(state, batch)
+    state = training.create_train_state(model, cfg, jax.random.key(0), batch["image"], mesh)
+    paths = training.param_paths(state.params)
+    state, m = training.make_train_step(model, cfg, mesh)(state, batch)
     assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
     assert paths == ["Dense_0/bias", "Dense_0/kernel", "sqrt_gain"]
     assert paths[int(m["nonfinite_leaf"])] == "sqrt_gain"
@@ -283,10 +283,10 @@ def test_nonfinite_leaf_names_the_parameter(mesh):
 def test_grad_norms_by_module():
     grads = {"a": {"x": {"kernel": 3 * jnp.ones((1,)), "bias": 4 * jnp.ones((1,))}},
              "b": {"kernel": jnp.ones((2, 2))}}
-    top = train.grad_norms_by_module(grads)
+    top = training.grad_norms_by_module(grads)
     assert set(top) == {"a", "b"}
     np.testing.assert_allclose([float(top["a"]), float(top["b"])], [5.0, 2.0])
-    leaf = train.grad_norms_by_module(grads, depth=None)
+    leaf = training.grad_norms_by_module(grads, depth=None)
     assert set(leaf) == {"a/x", "b"}
 
 
@@ -308,26 +308,26 @@ def test_resume_equals_uninterrupted_run(mesh, tmp_path):
             metrics.append(to_numpy(m))
         return state, metrics
 
-    step = train.make_train_step(model, cfg, mesh)
+    step = training.make_train_step(model, cfg, mesh)
     full, full_metrics = run(step, fresh_state(cfg, mesh), 0, 6)
     full = to_numpy(full)
 
     state, metrics = run(step, fresh_state(cfg, mesh), 0, 3)
-    manager = train.make_checkpoint_manager(str(tmp_path))
+    manager = training.make_checkpoint_manager(str(tmp_path))
     iterator_state = {"next_index": 3, "epoch": 0}  # As grain's DatasetIterator.get_state().
-    assert train.save_checkpoint(manager, state, iterator_state, {"note": "k=3"})
+    assert training.save_checkpoint(manager, state, iterator_state, {"note": "k=3"})
     run(step, state, 3, 4)  # Donates `state` while the async save may still be writing.
     manager.wait_until_finished()
     manager.close()
 
     # "New process": fresh manager and step function; the target only gives shapes/shardings.
-    manager = train.make_checkpoint_manager(str(tmp_path))
-    target = train.abstract_state(fresh_state(cfg, mesh))
-    restored, it_state, extra = train.restore_latest(manager, target)
+    manager = training.make_checkpoint_manager(str(tmp_path))
+    target = training.abstract_state(fresh_state(cfg, mesh))
+    restored, it_state, extra = training.restore_latest(manager, target)
     assert it_state == iterator_state and extra == {"note": "k=3"}
     assert int(restored.step) == 3
     assert restored.params["Dense_0"]["kernel"].sharding == parallel.replicated(mesh)
-    step = train.make_train_step(model, cfg, mesh)
+    step = training.make_train_step(model, cfg, mesh)
     resumed, more = run(step, restored, it_state["next_index"], 6)
 
     assert_trees_equal(to_numpy(resumed), full)
@@ -337,15 +337,15 @@ def test_resume_equals_uninterrupted_run(mesh, tmp_path):
     )
 
     # grain's DataLoader state is JSON bytes: it comes back as bytes.
-    assert train.save_checkpoint(manager, resumed, b'{"next_index": 6}', force=True)
+    assert training.save_checkpoint(manager, resumed, b'{"next_index": 6}', force=True)
     manager.wait_until_finished()
-    restored, it_state, extra = train.restore_latest(manager, target)
+    restored, it_state, extra = training.restore_latest(manager, target)
     assert it_state == b'{"next_index": 6}' and extra == {} and int(restored.step) == 6
     assert_trees_equal(to_numpy(restored), full)
 
 
 def test_restore_latest_without_checkpoint_is_none(tmp_path):
-    assert train.restore_latest(train.make_checkpoint_manager(str(tmp_path)), None) is None
+    assert training.restore_latest(training.make_checkpoint_manager(str(tmp_path)), None) is None
 
 
 # ------------------------------------------------------------------ data parallelism
@@ -363,18 +363,18 @@ TWO_DEVICES = textwrap.dedent(
     """
     import jax, numpy as np
     from tests.test_train import TinyNet, optim, make_batch, to_numpy
-    from resflax import parallel, train
+    from resflax import parallel, training
 
     assert jax.device_count() == 2, jax.devices()
     model, cfg = TinyNet(), optim(weight_decay=1e-4, clip_global_norm=1.0)
-    state2 = train.create_train_state(model, cfg, jax.random.key(0), make_batch(0)["image"],
+    state2 = training.create_train_state(model, cfg, jax.random.key(0), make_batch(0)["image"],
                                       parallel.make_mesh(2))
     initial = to_numpy(state2)
     results = []
     for n in (1, 2):
         mesh = parallel.make_mesh(n)
         state = jax.device_put(initial, parallel.replicated(mesh))
-        step, evaluate = train.make_train_step(model, cfg, mesh), train.make_eval_step(model, mesh)
+        step, evaluate = training.make_train_step(model, cfg, mesh), training.make_eval_step(model, mesh)
         metrics = []
         for i in range(3):
             batch = parallel.global_batch(mesh, make_batch(i))
@@ -418,20 +418,20 @@ TWO_PROCESSES = textwrap.dedent(
 
     import jax
     from tests.test_train import TinyNet, optim, make_batch, to_numpy
-    from resflax import train
+    from resflax import training
 
     assert jax.process_count() == 2 and jax.device_count() == 2
     mesh = parallel.make_mesh()
     model, cfg = TinyNet(), optim(weight_decay=1e-4)
-    state = train.create_train_state(model, cfg, jax.random.key(0), make_batch(0)["image"], mesh)
-    step = train.make_train_step(model, cfg, mesh)
+    state = training.create_train_state(model, cfg, jax.random.key(0), make_batch(0)["image"], mesh)
+    step = training.make_train_step(model, cfg, mesh)
     for i in range(2):  # Each process feeds its half of the global batch.
         local = {k: v[4 * pid:4 * (pid + 1)] for k, v in make_batch(i).items()}
         state, m = step(state, parallel.global_batch(mesh, local))
-    manager = train.make_checkpoint_manager(workdir + "/ckpt")
-    train.save_checkpoint(manager, state, {"next_index": 2, "process": pid}, {"p": 0})
+    manager = training.make_checkpoint_manager(workdir + "/ckpt")
+    training.save_checkpoint(manager, state, {"next_index": 2, "process": pid}, {"p": 0})
     manager.wait_until_finished()
-    restored, it_state, extra = train.restore_latest(manager, state)
+    restored, it_state, extra = training.restore_latest(manager, state)
     assert it_state == {"next_index": 2, "process": pid} and extra == {"p": 0}, it_state
     for a, b in zip(jax.tree.leaves(to_numpy(restored)), jax.tree.leaves(to_numpy(state))):
         np.testing.assert_array_equal(a, b)
@@ -467,7 +467,7 @@ def test_two_processes_equal_one(mesh, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
 
     cfg = optim(weight_decay=1e-4)
-    state, step = fresh_state(cfg, mesh), train.make_train_step(TinyNet(), cfg, mesh)
+    state, step = fresh_state(cfg, mesh), training.make_train_step(TinyNet(), cfg, mesh)
     for i in range(2):
         state, m = step(state, parallel.global_batch(mesh, make_batch(i)))
     out = np.load(tmp_path / "out.npz")

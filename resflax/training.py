@@ -3,7 +3,9 @@
 Pieces:
 - `make_schedule(optim)` / `make_optimizer(optim)`: the learning-rate schedule and the optax chain
   `[clip_by_global_norm] -> [adaptive_grad_clip] -> optimizer (with weight decay) -> -lr(step)`.
-- `create_train_state(model, optim, rng, example_input, mesh)`: a replicated `TrainState`.
+- `create_train_state(model, optim, rng, example_input, mesh)`: a replicated `TrainState`;
+  `make_init(model, optim, mesh)`: the same as one program for every seed.
+- `make_grad_stats_step(model, mesh)`: per-block gradient norms of the train step's loss.
 - `make_train_step(model, optim, mesh)`, `make_eval_step(model, mesh)`: `jax.jit` with the
   batch sharded over the `('data',)` mesh and the state replicated; the same code for 1 CPU
   and N devices, one or many processes. Batch-norm statistics and the mean loss are over the
@@ -41,6 +43,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from resflax import parallel
+from resflax.models import per_block_norms
 from resflax.layers import lookup
 
 Array = jax.Array
@@ -203,6 +206,24 @@ def _key_data(rng) -> np.ndarray:
     return np.asarray(rng)
 
 
+def initial_state(model, tx: optax.GradientTransformation, key, shape, dtype) -> TrainState:
+    """The `TrainState` at step 0 from raw key data `key` (`uint32[2]`, traced or not):
+    `model.init` (with `train=False`) on zeros of `shape`/`dtype`, and `tx.init`."""
+    init_rng, state_rng = jax.random.split(key)
+    params_rng, dropout_rng = jax.random.split(init_rng)
+    variables = model.init(
+        {"params": params_rng, "dropout": dropout_rng}, jnp.zeros(shape, dtype), train=False
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
 def create_train_state(model, optimizer: Optimizer, rng, example_input, mesh: Mesh) -> TrainState:
     """Initialises `model` (with `train=False`) and `optimizer` (an optax transformation or an
     `optim` config), replicated over `mesh`. Only the shape and dtype of `example_input` are
@@ -210,23 +231,20 @@ def create_train_state(model, optimizer: Optimizer, rng, example_input, mesh: Me
     tx = _optimizer(optimizer)
     key = _key_data(rng)  # A host constant: the same in every process.
     shape, dtype = tuple(example_input.shape), example_input.dtype
-
-    def init() -> TrainState:
-        init_rng, state_rng = jax.random.split(key)
-        params_rng, dropout_rng = jax.random.split(init_rng)
-        variables = model.init(
-            {"params": params_rng, "dropout": dropout_rng}, jnp.zeros(shape, dtype), train=False
-        )
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            rng=state_rng,
-        )
-
+    init = functools.partial(initial_state, model, tx, key, shape, dtype)
     return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+def make_init(model, optimizer: Optimizer, mesh: Mesh, dtype=jnp.float32
+              ) -> Callable[[int, tuple[int, ...]], TrainState]:
+    """`init(seed, input_shape) -> TrainState`, one compiled program for every seed (the seed
+    is traced): equal to `create_train_state(model, optimizer, jax.random.PRNGKey(seed), ...)`."""
+    tx = _optimizer(optimizer)
+    jitted = jax.jit(
+        lambda seed, shape: initial_state(model, tx, jax.random.PRNGKey(seed), shape, dtype),
+        static_argnums=1, out_shardings=parallel.replicated(mesh),
+    )
+    return lambda seed, shape: jitted(np.int32(seed), tuple(shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,20 +289,38 @@ def _per_example_stats(logits: Array, labels: Array) -> tuple[Array, Array]:
     return loss, error
 
 
+def _train_loss(model, state: TrainState, batch, params):
+    """The training loss at `params`: mean cross-entropy of `batch` in train mode, with
+    `(mean error, updated batch_stats)` as aux. Shared by the train and grad-stats steps."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    (logits, _), updates = model.apply(
+        variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng},
+    )
+    loss, error = _per_example_stats(logits, batch["label"])
+    return jnp.mean(loss), (jnp.mean(error), updates.get("batch_stats", {}))
+
+
+def _grad_stats(model, state: TrainState, batch) -> Metrics:
+    grads = jax.grad(lambda p: _train_loss(model, state, batch, p)[0])(state.params)
+    stats = {"param_grad_norm": per_block_norms(model.config, grads)}
+    stats.update({f"grad_norm/{k}": v for k, v in grad_norms_by_module(grads).items()})
+    return stats
+
+
+def make_grad_stats_step(model, mesh: Mesh) -> Callable[[TrainState, Mapping[str, Array]], Metrics]:
+    """`grad_stats(state, batch) -> metrics`, jitted: the gradient of the train step's loss at
+    `state` (not applied), as `param_grad_norm` `[L]` (`||dL/dtheta_l||_2` per block of a
+    `resflax.Network`, in signal order) and `grad_norm/<module>` per top-level module."""
+    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return jax.jit(functools.partial(_grad_stats, model), in_shardings=(rep, data),
+                   out_shardings=rep)
+
+
 def _train_step(model, tx, learning_rate_fn, state: TrainState, batch):
     """See `make_train_step`."""
-    rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        (logits, _), updates = model.apply(
-            variables, batch["image"], train=True, mutable=["batch_stats"],
-            rngs={"dropout": rng},
-        )
-        loss, error = _per_example_stats(logits, batch["label"])
-        return jnp.mean(loss), (jnp.mean(error), updates.get("batch_stats", {}))
-
-    (loss, (error, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (error, batch_stats)), grads = jax.value_and_grad(
+        functools.partial(_train_loss, model, state, batch), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(
         step=state.step + 1,

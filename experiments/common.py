@@ -1,0 +1,105 @@
+"""What every app shares: the model of a config, dotted overrides (sweeps and the command line),
+and one convention for user errors.
+
+Overrides. A sweep entry is a dict of dotted paths into the run config, the same paths as the
+command line's `--config.<path>=value`: `{"model.block": "plain", "model.depth": 56,
+"optim.warmup_steps": 400}`. Changing `model.family` (in an override or on the command line)
+starts the model from that family's defaults: every other model field not named in the same
+overrides returns to `None`, so `{"model.family": "cifar_resnet", "model.depth": 56}` is He et
+al.'s ResNet-56, not an MLP preset's width and norm on a conv net.
+
+User errors. A bad config, flag, path or dataset raises `ValueError` (or `UserError`) naming
+the field; `run_main` prints it as one line `<app>: error: ...` and exits with status 2 before
+anything is compiled. Other exceptions keep their traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Callable, Mapping
+
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+from resflax.config import FIELDS, ModelConfig, from_config_dict
+
+USAGE_ERROR_EXIT_CODE = 2
+
+
+class UserError(ValueError):
+    """A problem with the user's input (config, flags, paths, data): one line, exit code 2."""
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """`ModelConfig` of `config.model`; ValueError naming `config.model.<field>`."""
+    return from_config_dict(config.model, "config.model")
+
+
+def _set(config: ml_collections.ConfigDict, path: str, value: Any, where: str) -> None:
+    parts = path.split(".")
+    parent = config
+    for part in parts[:-1]:
+        parent = parent[part] if part in parent else None
+        if not isinstance(parent, ml_collections.ConfigDict):
+            break
+    if not isinstance(parent, ml_collections.ConfigDict) or parts[-1] not in parent:
+        allowed = sorted(config.model) if parts[0] == "model" and len(parts) == 2 else None
+        raise ValueError(f"{where}: unknown field {path!r}"
+                         + (f"; allowed model fields: {allowed}" if allowed else ""))
+    try:
+        parent[parts[-1]] = value
+    except TypeError as e:
+        raise ValueError(f"{where}: {path}={value!r}: {e}") from None
+
+
+def reset_model_for_family(config: ml_collections.ConfigDict, keep: set[str]) -> None:
+    """Every model field but `family` and `keep` back to None (the family's default)."""
+    for name in FIELDS:
+        if name != "family" and name not in keep and name in config.model:
+            config.model[name] = None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    where: str = "overrides") -> ml_collections.ConfigDict:
+    """A copy of `config` with the dotted-path `overrides` set (see the module docstring)."""
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{where}={overrides!r} must be a dict of dotted config paths")
+    run = copy.deepcopy(config)
+    with run.unlocked():
+        family = overrides.get("model.family")
+        if family is not None and family != run.model.family:
+            reset_model_for_family(
+                run, {k.split(".", 1)[1] for k in overrides if k.startswith("model.")})
+        for path, value in overrides.items():
+            _set(run, path, value, where)
+    return run
+
+
+def command_line_family_switch(config: ml_collections.ConfigDict, flag_name: str = "config",
+                               flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Applies the family rule to `--config.model.family=...` given on the command line: when
+    it differs from the config file's family, the file's other model fields that the command
+    line did not set return to None (in place; `config` is the parsed flag value)."""
+    flag = flag_values[flag_name]
+    overrides = config_flags.get_override_values(flag)
+    if "model.family" not in overrides:
+        return
+    file_config = flag.parser.parse(config_flags.get_config_filename(flag))
+    if file_config.model.family == config.model.family:
+        return
+    keep = {k.split(".", 1)[1] for k in overrides if k.startswith("model.")}
+    with config.unlocked():
+        reset_model_for_family(config, keep)
+    logging.info("model.family=%s on the command line: the other model fields are that "
+                 "family's defaults except %s", config.model.family, sorted(keep - {"family"}))
+
+
+def run_main(app_name: str, main: Callable[[], Any]) -> Any:
+    """Runs `main()`; a `ValueError` (a user error) becomes one line on stderr and exit 2."""
+    try:
+        return main()
+    except ValueError as e:
+        print(f"{app_name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR_EXIT_CODE) from None
