@@ -145,7 +145,7 @@ class BatchNorm(nn.Module):
 
     `freeze_stats=True` wraps the batch statistics in `stop_gradient`: the map from a batch to
     its normalized output then acts on each example separately (block-diagonal Jacobian), which
-    is how per-example Jacobians with batch norm are defined (docs/design.md, diagnostics).
+    is how per-example Jacobians with batch norm are defined (docs/design.md, Diagnostics).
 
     Running variance: training normalizes with the biased batch variance (divide by n, the
     number of values per channel, batch x space) in every framework. What goes into the running
