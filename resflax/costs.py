@@ -20,7 +20,15 @@ from resflax import conv
 
 
 def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays (or of `jax.ShapeDtypeStruct`s)."""
+    """Number of scalars in a pytree of arrays (or of `jax.ShapeDtypeStruct`s).
+
+    Args:
+      tree: any pytree whose leaves have a `.shape`, e.g. `variables["params"]` or the output
+        of `jax.eval_shape(model.init, ...)`.
+
+    Returns:
+      `sum over leaves of prod(leaf.shape)` (a scalar leaf counts 1).
+    """
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
@@ -67,7 +75,27 @@ def _macs(jaxpr) -> int:
 
 
 def count_macs(fn: Callable[..., Any], *args, **kwargs) -> int:
-    """Exact multiply-adds of `fn(*args, **kwargs)` (conv and dense contractions), by tracing."""
+    """Exact multiply-adds of `fn(*args, **kwargs)` (conv and dense contractions), by tracing.
+
+    Per equation of the jaxpr (module docstring): a convolution counts
+    `prod(out.shape) * prod(kernel.shape) / out_features`, a `dot_general`
+    `prod(out.shape) * prod(contracted dims)`; a `scan` body counts `length` times, other
+    sub-programs (`pjit`, `remat`, custom derivatives, ...) once, and `cond` counts its most
+    expensive branch. Nothing else is a multiply-add. Only tracing happens: nothing is compiled
+    or run, so abstract inputs (`jax.ShapeDtypeStruct`) work.
+
+    Args:
+      fn: a jax-traceable function, e.g. `lambda x: model.apply(variables, x)`.
+      *args: its positional arguments (arrays or `jax.ShapeDtypeStruct`s); their shapes set the
+        count (the batch size included: divide by it for a per-example count).
+      **kwargs: its keyword arguments.
+
+    Returns:
+      The number of multiply-adds of one call, an int.
+
+    Raises:
+      ValueError: a `while` loop contains multiply-adds (its trip count is not static).
+    """
     return _macs(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
@@ -76,6 +104,15 @@ def program_size(fn: Callable[..., Any], *args, **kwargs) -> int:
 
     This is the size XLA compiles: a scan body counts once however long the scan, so the size
     of a model whose repeated blocks are scanned does not grow with depth.
+
+    Args:
+      fn: a jax-traceable function.
+      *args: its positional arguments (arrays or `jax.ShapeDtypeStruct`s).
+      **kwargs: its keyword arguments.
+
+    Returns:
+      The number of jaxpr equations, each sub-program's (scan, while and cond bodies, pjit,
+      custom derivatives, ...) counted once, an int.
     """
 
     def size(jaxpr) -> int:

@@ -103,7 +103,15 @@ DIGITS_SPLIT_SEED = 0  # np.random.RandomState(0): a stream NumPy keeps frozen a
 
 
 def digits_split_indices() -> dict[str, np.ndarray]:
-    """Rows of `sklearn.datasets.load_digits()` in each split: a fixed random permutation."""
+    """Rows of `sklearn.datasets.load_digits()` in each split: a fixed random permutation.
+
+    The permutation is `np.random.RandomState(DIGITS_SPLIT_SEED).permutation(1797)`; its first
+    `DIGITS_NUM_TEST` (360) rows are `test`, the other 1437 `train`.
+
+    Returns:
+      `{'train': int array [1437], 'test': int array [360]}`, each sorted ascending; disjoint,
+      together every row once.
+    """
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
     n = len(load_digits().target)
@@ -165,6 +173,13 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> str:
     Idempotent, and safe when several processes call it at once: each writes into its own
     temporary directory inside `data_dir` and atomically renames it into place; the losers of
     that race discard their copy.
+
+    Args:
+      data_dir: the tfds data directory; None: tfds' default (`~/tensorflow_datasets` unless
+        `TFDS_DATA_DIR` says otherwise).
+
+    Returns:
+      The prepared dataset's directory, `data_dir/digits/1.0.0`.
     """
     builder = Digits(data_dir=data_dir, file_format="array_record")
     final = os.fspath(builder.data_path)  # DATA_DIR/digits/1.0.0
@@ -197,6 +212,21 @@ def source(name: str, split: str, *, data_dir=None, download: bool = False):
     `digits` is prepared on first use. Any other dataset must already be prepared in `data_dir`,
     else DatasetNotFoundError says how; `download=True` opts in to
     `builder.download_and_prepare(file_format='array_record')` (needs TensorFlow and network).
+
+    Args:
+      name: a tfds dataset name ('digits', 'cifar10', 'mnist', 'imagenet2012', ...).
+      split: a tfds split string (above).
+      data_dir: the tfds data directory; None: tfds' default.
+      download: prepare the dataset if it is not prepared yet (off by default: reading never
+        downloads).
+
+    Returns:
+      The tfds random-access data source of that split.
+
+    Raises:
+      DatasetNotFoundError: the dataset is not prepared in `data_dir` (or `download=True`
+        failed), or it is prepared in a file format without random access; the message says
+        how to prepare it.
     """
     if name == "digits":
         prepare_digits(data_dir)
@@ -242,7 +272,16 @@ class DatasetMeta:
 
 
 def dataset_meta(name: str, *, data_dir=None) -> DatasetMeta:
-    """Metadata of `name` (prepares `digits` first; other datasets need not be prepared)."""
+    """Metadata of `name` (prepares `digits` first; other datasets need not be prepared).
+
+    Args:
+      name: a tfds dataset name.
+      data_dir: the tfds data directory; None: tfds' default.
+
+    Returns:
+      A `DatasetMeta`: `num_classes` of the label feature, `image_shape` (H, W, C) of the image
+      feature (None for variable sizes), `num_examples` per prepared split.
+    """
     if name == "digits":
         prepare_digits(data_dir)
     info = _builder(name, data_dir).info
@@ -296,6 +335,17 @@ def channel_stats(name: str, *, data_dir=None) -> tuple[np.ndarray, np.ndarray]:
     Fixed published constants for cifar10, cifar100, mnist, fashion_mnist, svhn_cropped and
     imagenet2012; otherwise (e.g. digits) measured over up to 10,000 evenly spaced train
     examples (all of them for digits) and cached per process.
+
+    Args:
+      name: a tfds dataset name.
+      data_dir: the tfds data directory (read only for measured statistics); None: tfds'
+        default.
+
+    Returns:
+      `(mean, std)`, float32 arrays of shape [C]: `mean_c = E[x_c]` and
+      `std_c = sqrt(E[x_c^2] - E[x_c]^2)` (population std) of `x = pixel / 255` over every
+      pixel of channel `c` of those train examples. Loaders normalize with
+      `(x - mean_c) / std_c`.
     """
     if name in _CHANNEL_STATS:
         mean, std = _CHANNEL_STATS[name]
@@ -393,8 +443,36 @@ def make_loader(
     """A grain DataLoader over `source(name, split)` for this JAX process.
 
     Iterating yields {'image': float32 [B_local, H, W, C], 'label': int32 [B_local]} with
-    B_local = batch_size // process_count (`batch_size` is the GLOBAL batch).
+    B_local = batch_size // process_count (`batch_size` is the GLOBAL batch); images are
+    `(pixel / 255 - mean_c) / std_c` with the train-split `channel_stats`.
 
+    Args:
+      name: a tfds dataset name (`source`).
+      split: a tfds split string (`source`).
+      batch_size: the global batch size, a positive multiple of `process_count`.
+      train: shuffle and, by default, repeat forever and drop a last partial batch (below).
+      seed: the sampler seed in [0, 2**32): shuffling order and augmentation draws.
+      data_dir: the tfds data directory; None: tfds' default.
+      augment: a name in `AUGMENTATIONS`, 'none' or 'cifar' (below).
+      num_epochs: passes over the shard; None: forever when `train`, else 1.
+      process_index: this process's shard; None: `jax.process_index()`.
+      process_count: the number of shards; None: `jax.process_count()`.
+      drop_remainder: below; None: `train`.
+      worker_count: grain worker processes (below).
+      image_size: below; None: keep the stored size (fixed-size datasets only).
+      download: passed to `source`.
+      read_threads: below.
+
+    Returns:
+      A `grain.DataLoader`; `iter()` of it is a `DataLoaderIterator` (resuming: below).
+
+    Raises:
+      ValueError: a bad argument (unknown `augment`, a batch size that is not a positive
+        multiple of `process_count`, too few examples for one batch, variable-sized images
+        without `image_size`, ...), naming it.
+      DatasetNotFoundError: the dataset is not prepared (`source`).
+
+    Details:
     - Sharding: the split is cut into `process_count` contiguous, equal, disjoint shards
       (grain ShardOptions(drop_remainder=True): at most process_count - 1 examples are left
       out); process `process_index` reads only its shard. Defaults: jax.process_index/count().

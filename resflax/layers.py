@@ -30,7 +30,21 @@ Initializer = Callable[..., Array]
 
 
 def lookup(registry: Mapping[str, Any], name: str, field: str) -> Any:
-    """Returns `registry[name]`, or raises a ValueError naming `field` and the allowed names."""
+    """Returns `registry[name]`, or raises a ValueError naming `field` and the allowed names.
+
+    Args:
+      registry: a mapping of user-facing names, e.g. `ACTIVATIONS`, `INITIALIZERS`, `NORMS`.
+      name: the name to look up; anything that is not a key of `registry` (a non-string
+        included) is an error.
+      field: the model field the name came from, used in the error message (e.g. 'activation').
+
+    Returns:
+      `registry[name]`.
+
+    Raises:
+      ValueError: `name` is not in `registry`; the message names `field` and lists the sorted
+        allowed names.
+    """
     if not isinstance(name, str) or name not in registry:
         raise ValueError(f"{field}={name!r} is not supported; allowed values: {sorted(registry)}")
     return registry[name]
@@ -57,6 +71,18 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def activation(name: str) -> Callable[[Array], Array]:
+    """The activation `phi` registered as `name` in `ACTIVATIONS`.
+
+    Args:
+      name: one of `ACTIVATIONS` ('identity', 'relu', 'leaky_relu' (slope 0.01), 'elu',
+        'selu', 'gelu' (exact, `x Phi(x)`), 'swish', 'softplus', 'tanh', 'sigmoid', 'erf').
+
+    Returns:
+      An elementwise, jax-differentiable function: array of any shape -> array of that shape.
+
+    Raises:
+      ValueError: unknown name (the message lists the allowed ones).
+    """
     return lookup(ACTIVATIONS, name, "activation")
 
 
@@ -118,11 +144,38 @@ INITIALIZERS: dict[str, Callable[[float], Initializer]] = {
 
 
 def initializer(name: str, weight_scale: float = 1.0) -> Initializer:
+    """The kernel initializer registered as `name` in `INITIALIZERS`, with gain sigma_w.
+
+    `weight_scale` multiplies the standard deviation of every initializer: `normal` draws
+    `W ~ N(0, sigma_w^2 / fan_in)`, `he_normal` `N(0, 2 sigma_w^2 / fan_in)`, `glorot_normal`
+    `N(0, 2 sigma_w^2 / (fan_in + fan_out))`, the uniform variants have the same variances,
+    `orthogonal` / `delta_orthogonal` are (semi-)orthogonal times sigma_w, `zeros` is 0. For a
+    kernel `[*window, in, out]`, `fan_in = prod(window) * in` and `fan_out = prod(window) * out`.
+
+    Args:
+      name: one of `INITIALIZERS` (the model field `init`).
+      weight_scale: sigma_w, the gain on the standard deviation.
+
+    Returns:
+      A flax initializer `init(key, shape, dtype=float32) -> array of that shape`, for a dense
+      `[in, out]` or conv `[kh, kw, in, out]` kernel.
+
+    Raises:
+      ValueError: unknown name (the message lists the allowed ones).
+    """
     return lookup(INITIALIZERS, name, "init")(weight_scale)
 
 
 def bias_initializer(bias_scale: float) -> Initializer:
-    """`b ~ N(0, sigma_b^2)`; exactly zero when sigma_b = 0."""
+    """`b ~ N(0, sigma_b^2)`; exactly zero when sigma_b = 0.
+
+    Args:
+      bias_scale: sigma_b, the standard deviation of the bias.
+
+    Returns:
+      A flax initializer `init(key, shape, dtype) -> array`: zeros when `bias_scale == 0`, else
+      independent `N(0, bias_scale^2)` entries.
+    """
     if bias_scale == 0:
         return nn.initializers.zeros
     return nn.initializers.normal(stddev=bias_scale)
@@ -145,7 +198,7 @@ class BatchNorm(nn.Module):
 
     `freeze_stats=True` wraps the batch statistics in `stop_gradient`: the map from a batch to
     its normalized output then acts on each example separately (block-diagonal Jacobian), which
-    is how per-example Jacobians with batch norm are defined (docs/design.md, diagnostics).
+    is how per-example Jacobians with batch norm are defined (docs/design.md, Diagnostics).
 
     Running variance: training normalizes with the biased batch variance (divide by n, the
     number of values per channel, batch x space) in every framework. What goes into the running
@@ -245,6 +298,21 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
 
 
 def norm(name: str) -> Callable[..., nn.Module]:
+    """The normalization registered as `name` in `NORMS`.
+
+    Args:
+      name: 'none' (`NoNorm`, the identity), 'batch' (`BatchNorm`), 'layer' (`GroupNorm` with
+        one group: every feature of an example) or 'group' (`GroupNorm`).
+
+    Returns:
+      A Module constructor; its instances are called as `(x, train) -> y`, `y` of the shape of
+      `x` (`[B, features]` or `[B, H, W, features]`): batch norm per feature over the batch (and
+      space), layer and group norm per example over (groups of) features and space, each with
+      a per-feature affine `scale`, `bias`.
+
+    Raises:
+      ValueError: unknown name (the message lists the allowed ones).
+    """
     return lookup(NORMS, name, "norm")
 
 

@@ -139,6 +139,17 @@ def gaussian_expectation(
     `f` is elementwise and vectorised: it is called once on a float64 array of all nodes (jax
     callables run in float64 here) and must return an array of the same shape. Exact for
     polynomials and for piecewise polynomials with their only kink at 0 (e.g. |x|).
+
+    Args:
+      f: elementwise function, float64 array [n] -> array [n] (numpy or jax).
+      q: the variance of the Gaussian argument, a finite real >= 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      `sum_i w_i f(sqrt(q) z_i) ~= E_z[f(sqrt(q) z)]`, a Python float.
+
+    Raises:
+      ValueError: `q` or `num_points` out of range, or `f` not elementwise (wrong shape).
     """
     q = _number(q, "q")
     num_points = _count(num_points, "num_points", low=1)
@@ -185,6 +196,18 @@ def moments(activation: Activation, q: float, num_points: int = NUM_POINTS) -> M
 
     `activation` is a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable;
     phi' is `jax.grad` of it.
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      q: the pre-activation variance, a finite real >= 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      `Moments(phi, phi_sq, dphi_sq)` of Python floats, computed in float64.
+
+    Raises:
+      ValueError: an unknown activation name, or `q` / `num_points` out of range.
     """
     phi = _activation(activation)
     q = _number(q, "q")
@@ -207,6 +230,20 @@ def q_map(
     """Length map V(q) = sigma_w2 E[phi(sqrt(q) z)^2] + sigma_b2 (Poole et al. 2016).
 
     The variance of the next pre-activation h^{l+1} = W phi(h^l) + b given Var(h^l) = q.
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain, `W ~ N(0, sigma_w2 / n)`, >= 0.
+      sigma_b2: bias variance, `b ~ N(0, sigma_b2)`, >= 0.
+      q: the current pre-activation variance, >= 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      V(q), a Python float.
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
     """
     sigma_w2 = _number(sigma_w2, "sigma_w2")
     sigma_b2 = _number(sigma_b2, "sigma_b2")
@@ -221,12 +258,27 @@ def layer_chi(
     Squared backward norms scale by chi(q_l) through layer l (Schoenholz et al. 2017, backward
     mean field, equal widths), and chi(q_l) = E ||J_l||_F^2 / n for J_l = diag(phi'(h_l)) W_l.
     At the fixed point q* it is chi_1 (Poole et al. 2016).
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain, >= 0.
+      q: the layer's pre-activation variance, >= 0 (0: the limit q -> 0+).
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      chi(q), a Python float.
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
     """
     sigma_w2 = _number(sigma_w2, "sigma_w2")
     return sigma_w2 * moments(activation, q, num_points).dphi_sq
 
 
 class FixedPoint(NamedTuple):
+    """Result of `q_fixed_point`."""
+
     q: float  # q* (math.inf if the iteration diverged; the last iterate if not converged).
     converged: bool
     iterations: int
@@ -249,6 +301,23 @@ def q_fixed_point(
     criticality the approach is algebraic (q ~ 1/l for tanh at sigma_w2 = 1, sigma_b2 = 0), so
     `converged` may be False after `max_iter`: check it. Divergence (q > 1e150, e.g. relu with
     sigma_w2 > 2) returns q = inf, converged = False.
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain, >= 0.
+      sigma_b2: bias variance, >= 0.
+      q0: the starting variance, >= 0.
+      tol: relative tolerance on |V(q) - q| (absolute below q = 1), >= 0.
+      max_iter: the most iterations, >= 1.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      `FixedPoint(q, converged, iterations)`: q* (inf when diverged; the last iterate when not
+      converged), whether the tolerance was met, and the number of iterations taken.
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
     """
     sigma_w2 = _number(sigma_w2, "sigma_w2")
     sigma_b2 = _number(sigma_b2, "sigma_b2")
@@ -302,6 +371,20 @@ def chi_1(
     2017). Equal to chi_c = sigma_w2 E[phi'(u1) phi'(u2)] at the fixed point c* = 1. Uses
     `q_fixed_point(..., q0)`; if it diverged, chi is taken at q = 1e150 (its limit for
     positively homogeneous activations, e.g. sigma_w2 / 2 for relu).
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain, >= 0.
+      sigma_b2: bias variance, >= 0.
+      q0: the starting variance of the fixed-point iteration, >= 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      chi_1, a Python float (taken at the last iterate if the iteration did not converge).
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
     """
     fixed = q_fixed_point(activation, sigma_w2, sigma_b2, q0, num_points=num_points)
     return layer_chi(activation, sigma_w2, min(fixed.q, _Q_DIVERGED), num_points)
@@ -313,6 +396,15 @@ def depth_scale(chi: float) -> float:
     Squared gradients scale like exp(-l / xi) over l layers: xi > 0 vanishing, xi < 0 exploding
     with depth scale |xi|, xi = inf at criticality (|chi - 1| <= 1e-12, quadrature rounding),
     xi = 0 for chi = 0.
+
+    Args:
+      chi: the per-layer factor of squared gradients (e.g. `chi_1`), a finite real >= 0.
+
+    Returns:
+      xi, a Python float (inf or 0 in the cases above).
+
+    Raises:
+      ValueError: `chi` negative or not finite.
     """
     chi = _number(chi, "chi")
     if abs(chi - 1.0) <= _CHI_ONE_ATOL:
@@ -350,8 +442,22 @@ def plain_mlp_curves(
     Schoenholz et al. 2017). act_grad_sq_last, the head's gradient, is an input: the theory
     does not predict it.
 
-    Returns float64 arrays: fwd_sq [L+1], act_grad_sq [L+1] (index l = x_l), q [L] and chi [L]
-    (index l - 1 = layer l).
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain, >= 0.
+      sigma_b2: bias variance, >= 0.
+      depth: the number of layers L, >= 0.
+      fwd_sq0: measured `fwd_sq[0] = mean x_0^2` (stem output), >= 0.
+      act_grad_sq_last: measured `act_grad_sq[L]` (the head's gradient), >= 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      A dict of float64 numpy arrays: 'fwd_sq' [L+1], 'act_grad_sq' [L+1] (index l = x_l),
+      'q' [L] and 'chi' [L] (index l - 1 = layer l).
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
     """
     sigma_w2 = _number(sigma_w2, "sigma_w2")
     sigma_b2 = _number(sigma_b2, "sigma_b2")
@@ -410,8 +516,29 @@ def residual_mlp_curves(
       E ||dx_l/dx_{l-1}||_F^2 / n of the per-example Jacobian with frozen batch statistics.
 
     act_grad_sq[l-1] = chi_l act_grad_sq[l], anchored at act_grad_sq[L] = act_grad_sq_last.
-    Returns float64 arrays fwd_sq [L+1], act_grad_sq [L+1], q [L] (variance of the branch
-    pre-activation N(x_{l-1})) and chi [L]; with norm='batch' also chan_var [L+1].
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain of the branch, >= 0.
+      sigma_b2: branch bias variance, >= 0; must be 0 with norm='batch'.
+      depth: the number of blocks L, >= 0.
+      fwd_sq0: measured `fwd_sq[0] = mean x_0^2` (stem output), >= 0.
+      act_grad_sq_last: measured `act_grad_sq[L]` (the head's gradient), >= 0.
+      norm: 'none' or 'batch' (above).
+      alpha: the residual-branch scale (any finite real; only alpha^2 enters).
+      fwd_chan_var0: norm='batch' only: measured `fwd_chan_var[0]`, > 0 when depth > 0;
+        None: `fwd_sq0`.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      A dict of float64 numpy arrays: 'fwd_sq' [L+1], 'act_grad_sq' [L+1] (index l = x_l),
+      'q' [L] (variance of the branch pre-activation N(x_{l-1})) and 'chi' [L] (index l - 1 =
+      block l); with norm='batch' also 'chan_var' [L+1].
+
+    Raises:
+      ValueError: an argument out of range, an unknown activation or norm, sigma_b2 != 0 or
+        fwd_chan_var0 = 0 with norm='batch'.
     """
     sigma_w2 = _number(sigma_w2, "sigma_w2")
     sigma_b2 = _number(sigma_b2, "sigma_b2")
@@ -476,6 +603,21 @@ def e2e_jacobian_mean_sq_singular_value(
     chi^L at the fixed point). It depends on sigma_w2 only, not on Gaussian versus orthogonal
     weights; the *spread* of the spectrum does (dynamical isometry needs orthogonal weights and
     chi = 1 near q* = 0). Diagnostics name: `e2e` Frobenius norm squared / dim(x_0).
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi
+        (phi' is `jax.grad` of it).
+      sigma_w2: weight variance gain, >= 0.
+      sigma_b2: bias variance, >= 0.
+      depth: the number of layers L, >= 0 (L = 0: 1.0).
+      fwd_sq0: measured `fwd_sq[0] = mean x_0^2`, the start of the layer-wise q_l, >= 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      prod_l chi_l, a Python float (the prediction of `e2e_jac_fro_sq`).
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
     """
     curves = plain_mlp_curves(activation, sigma_w2, sigma_b2, depth, fwd_sq0, 1.0, num_points)
     return float(np.prod(curves["chi"]))
@@ -492,6 +634,18 @@ def effective_sigma_w2(init: str, weight_scale: float, fan_in: int, fan_out: int
     weight_scale^2 * 2 fan_in / (fan_in + fan_out); orthogonal, delta_orthogonal (a dense
     kernel is plain orthogonal): weight_scale^2 (second moment only; the spectrum differs from
     Gaussian, Pennington et al. 2017); zeros: 0. Uniform variants have the same variance.
+
+    Args:
+      init: a name in `resflax.layers.INITIALIZERS` (the model field `init`).
+      weight_scale: sigma_w, the model field `weight_scale` (any finite real).
+      fan_in: input features of the kernel, >= 1.
+      fan_out: output features of the kernel, >= 1.
+
+    Returns:
+      sigma_w2, a Python float.
+
+    Raises:
+      ValueError: an unknown `init` or an argument out of range.
     """
     factor = layers.lookup(_SIGMA_W2_FACTOR, init, "init")
     weight_scale = _number(weight_scale, "weight_scale", low=-math.inf)
