@@ -18,13 +18,13 @@ divided by 10 at 32k and 48k iterations, stop at 64k; 45k/5k train/validation sp
 pad + random 32x32 crop + horizontal flip. He et al. warm up ResNet-110 at lr 0.01 for about 400
 iterations; here every net of depth >= 110 does (for 1202, 164 and 1001 that is our choice).
 Evaluation is on the 5k validation images; for test error pass
-`--config.dataset.eval_split=test`.
+`--config.data.eval_split=test`.
 
 Time: not measured here (this project's machines have no GPU/TPU for these checks). The train
 step of ResNet-20 runs at ~230 images/s on a 2-core CPU (benchmarks/results/train_step.json),
 about 10 hours for 64k steps; on one modern GPU expect minutes per thousand steps for the small nets
 and hours for ResNet-1202 / ResNet-1001 (use --config.model.remat=True if memory runs out). The
-input pipeline runs in `dataset.worker_count` grain worker processes to keep up with a GPU.
+input pipeline runs in `data.worker_count` grain worker processes to keep up with a GPU.
 """
 
 from configs import train as train_config
@@ -33,7 +33,7 @@ import resflax.config
 
 def get_config():
     config = train_config.get_config()
-    config.dataset.update(dict(
+    config.data.update(dict(
         name="cifar10", train_split="train[:45000]", eval_split="train[45000:]", augment="cifar",
         worker_count=8,
     ))

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # Initialization and data order.
 
-    config.dataset = ml_collections.ConfigDict(
+    config.data = ml_collections.ConfigDict(
         dict(
             name="digits",  # Any tfds image-classification dataset prepared as array_record.
             data_dir=config_dict.placeholder(str),  # None: tfds' default, ~/tensorflow_datasets.

@@ -16,7 +16,9 @@ anything is compiled. Other exceptions keep their traceback.
 from __future__ import annotations
 
 import copy
+import signal
 import sys
+import threading
 from typing import Any, Callable, Mapping
 
 import ml_collections
@@ -96,10 +98,39 @@ def command_line_family_switch(config: ml_collections.ConfigDict, flag_name: str
                  "family's defaults except %s", config.model.family, sorted(keep - {"family"}))
 
 
-def run_main(app_name: str, main: Callable[[], Any]) -> Any:
-    """Runs `main()`; a `ValueError` (a user error) becomes one line on stderr and exit 2."""
+def run_main(app_name: str, check: Callable[[], Any], run: Callable[[], Any]) -> Any:
+    """`check()` then `run()`. A `ValueError` from `check` (the user's config, flags, paths or
+    data) becomes one line on stderr, `<app>: error: ...`, and exit status 2; errors in `run`
+    keep their traceback."""
     try:
-        return main()
+        check()
     except ValueError as e:
         print(f"{app_name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         raise SystemExit(USAGE_ERROR_EXIT_CODE) from None
+    return run()
+
+
+class StopRequests:
+    """SIGTERM and the first SIGINT set `requested`; the loop stops between steps. A second
+    SIGINT raises KeyboardInterrupt at once. Handlers are installed in the main thread only."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        logging.warning("%s received: stopping after this step and checkpointing", self.requested)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -28,21 +28,17 @@ config) and resumes interrupted ones from their checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Mapping
 
-import matplotlib
-import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, reporting
+from experiments import common, plots as plots_lib, reporting
 from experiments import train as train_app
 from resflax import ModelConfig, data
 
@@ -52,6 +48,23 @@ SWEEP_FIELDS = ("nets", "seeds", "cache_batches")
 
 
 # ----------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One entry of `results.json`'s `runs` (one net, one seed); see the module docstring."""
+
+    net: str
+    model: dict[str, Any]  # Every ModelConfig field.
+    weight_layers: int
+    seed: int
+    status: str  # experiments.train.STATUSES
+    final_train_loss: float | None
+    final_train_error: float | None
+    final_eval_loss: float | None
+    final_eval_error: float | None
+    wall_s: float
+    history: dict[str, list]  # `history(run_dir)`: the run's curves.
 
 
 def run_config(config: ml_collections.ConfigDict, net: Mapping[str, Any], seed: int
@@ -173,72 +186,6 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the figure
-
-_COLORMAPS = {"plain": "Reds", "v1": "Blues", "v2": "Greens"}
-
-
-def _mean_curve(curves: list[list]) -> np.ndarray:
-    n = min(len(c) for c in curves)
-    return np.mean([np.asarray(c[:n], np.float64) for c in curves], axis=0)
-
-
-def plot(runs: list[dict], table: list[dict], path: str) -> None:
-    """Writes `degradation.png` (panels described in the module docstring)."""
-    nets = list(dict.fromkeys(r["net"] for r in runs))
-    blocks = list(dict.fromkeys(r["model"]["block"] for r in runs))
-    colors = {}
-    for block in blocks:
-        mine = [n for n in nets if next(r for r in runs if r["net"] == n)["model"]["block"]
-                == block]
-        cmap = plt.get_cmap(_COLORMAPS.get(block, "Greys"))
-        for i, net in enumerate(mine):
-            colors[net] = cmap(0.45 + 0.55 * (i + 1) / len(mine))
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-
-    ax = axes[0]
-    for net in nets:
-        group = [r for r in runs if r["net"] == net and r["history"]["step"]]
-        if not group:
-            continue
-        steps = group[0]["history"]["step"][: min(len(r["history"]["step"]) for r in group)]
-        loss = _mean_curve([[np.nan if v is None else v for v in r["history"]["train_loss"]]
-                            for r in group])
-        ax.plot(steps, loss, color=colors[net], label=net, lw=1.5)
-    ax.set(yscale="log", xlabel="step", ylabel="training loss (train mode)",
-           title="(a) training loss, mean over seeds")
-    ax.legend(fontsize=8, ncol=2)
-
-    ax = axes[1]
-    for block in blocks:
-        rows = [t for t in table if t["block"] == block and t["final_train_loss_mean"] is not None]
-        if rows:
-            ax.errorbar([t["weight_layers"] for t in rows],
-                        [t["final_train_loss_mean"] for t in rows],
-                        yerr=[t["final_train_loss_std"] for t in rows], marker="o", capsize=4,
-                        color=plt.get_cmap(_COLORMAPS.get(block, "Greys"))(0.85), label=block)
-    depths = sorted({t["weight_layers"] for t in table})
-    ax.set(xscale="log", yscale="log", xlabel="weight layers", ylabel="final training loss",
-           title="(b) final training loss, mean ± std over seeds")
-    ax.set_xticks(depths, [str(d) for d in depths])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.legend()
-
-    ax = axes[2]
-    for net in nets:
-        group = [r["history"]["param_grad_norm"][0] for r in runs if r["net"] == net
-                 and r["history"]["grad_step"] and r["history"]["grad_step"][0] == 0]
-        if group:
-            norms = _mean_curve(group)
-            ax.plot(np.arange(1, len(norms) + 1), norms, color=colors[net], label=net, lw=1.5)
-    ax.set(yscale="log", xlabel="block l (input → output)",
-           ylabel="||dL/dθ_l|| at initialization", title="(c) per-block gradient norm, step 0")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -266,15 +213,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             else:
                 logging.info("Reusing the completed run in %s", run_dir)
             model = common.model_config(run)
-            runs.append({
-                "net": name, "model": model.to_dict(), "weight_layers": weight_layers(model),
-                "seed": seed, "status": summary["status"],
-                "final_train_loss": summary["train_loss"],
-                "final_train_error": summary["train_error"],
-                "final_eval_loss": summary["eval_loss"],
-                "final_eval_error": summary["eval_error"],
-                "wall_s": summary["wall_s"], "history": history(run_dir),
-            })
+            runs.append(dataclasses.asdict(RunRecord(
+                net=name, model=model.to_dict(), weight_layers=weight_layers(model), seed=seed,
+                status=summary["status"], final_train_loss=summary["train_loss"],
+                final_train_error=summary["train_error"], final_eval_loss=summary["eval_loss"],
+                final_eval_error=summary["eval_error"], wall_s=summary["wall_s"],
+                history=history(run_dir),
+            )))
             if summary["status"] == "preempted":
                 logging.warning("Preempted: rerun the same command to resume.")
                 return {"config": config.to_dict(), "runs": runs, "status": "preempted"}
@@ -282,7 +227,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     results = {"config": config.to_dict(), "runs": runs, "table": table,
                "wall_s": time.monotonic() - start}
     reporting.write_json(os.path.join(workdir, RESULTS_FILE), results)
-    plot(runs, table, os.path.join(workdir, PLOT_FILE))
+    plots_lib.degradation(runs, table, os.path.join(workdir, PLOT_FILE))
     logging.info("Degradation results (%d seeds; %.0f s):\n%s", len(config.seeds),
                  results["wall_s"], format_table(table))
     return results
@@ -292,8 +237,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     reporting.quiet_library_logs()
-    common.command_line_family_switch(flags.FLAGS.config)
-    run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
+    config = flags.FLAGS.config
+    common.command_line_family_switch(config)
+
+    def check():
+        check_config(config)
+        train_app.input_shape(run_config(config, config.nets[0], config.seeds[0]))
+
+    common.run_main("degradation", check, lambda: run_sweep(config, flags.FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -48,17 +48,13 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import common, reporting
-from resflax import ModelConfig, build_model, costs, data, diagnostics, theory
+from experiments import common, plots as plots_lib, reporting
+from resflax import ModelConfig, build_model, checks, costs, data, diagnostics, theory
 
 RESULTS_FILE = "results.json"
 PLOT_FILES = ("act_grad_sq.png", "fwd_sq.png", "jac_spectral.png")
@@ -71,6 +67,22 @@ BLOCK_KEYS = (
 )
 
 # ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One entry of `results.json`'s `runs` (one net, one seed); see the module docstring."""
+
+    name: str
+    model: dict[str, Any]  # Every ModelConfig field.
+    seed: int
+    num_params: int
+    loss: float
+    blocks: dict[str, Any]  # BLOCK_KEYS: [L+1] or [L] lists, and the Frobenius method.
+    e2e: dict[str, Any]  # e2e_* of dx_L/dx_0.
+    theory: dict[str, Any] | None  # theory.predict's curves, None outside the theory.
+    nonfinite: dict[str, str]  # quantity -> 'nan' | 'inf' | '-inf' | a '+'-joined mix.
+    seconds: dict[str, float]  # compile, run.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +136,6 @@ def _options(config: ml_collections.ConfigDict) -> diagnostics.Options:
         raise ValueError(f"config.diagnostics.{e}") from None
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    return value
-
-
 def check_config(config: ml_collections.ConfigDict) -> tuple[list[Net], diagnostics.Options]:
     """Raises ValueError naming the first bad field. Reads no data, compiles nothing."""
     unknown = sorted(set(config) - set(CONFIG_FIELDS))
@@ -141,7 +147,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[list[Net], diagnost
     unknown = sorted(set(config.data) - set(DATA_FIELDS))
     if unknown:
         raise ValueError(f"config.data: unknown field(s) {unknown}; allowed: {list(DATA_FIELDS)}")
-    _positive_int(config.batch_size, "config.batch_size")
+    checks.integer("config.batch_size", config.batch_size, 1)
     seeds = config.seeds
     if not isinstance(seeds, (list, tuple)) or not seeds or not all(
         isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds
@@ -152,7 +158,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[list[Net], diagnost
         if not isinstance(dims, (list, tuple)) or not dims:
             raise ValueError(f"config.data.input_dim={dims!r} must be a non-empty tuple of ints")
         for d in dims:
-            _positive_int(d, "config.data.input_dim entries")
+            checks.integer("config.data.input_dim entries", d, 1)
     return _nets(config), _options(config)
 
 
@@ -250,25 +256,20 @@ def measure(net: Net, options, inputs, labels, seeds) -> list[dict[str, Any]]:
         result = diagnostics.to_python({**out, **static})
         blocks = {k: result[k] for k in BLOCK_KEYS if k in result}
         e2e = {k: v for k, v in result.items() if k.startswith("e2e_")}
-        record = dict(
-            name=net.name,
-            model=net.config.to_dict(),
-            seed=seed,
-            num_params=num_params,
-            loss=result["loss"],
-            blocks=blocks,
-            e2e=e2e,
-            theory=_theory(net.config, blocks),
-        )
-        record["nonfinite"] = {
+        theory_curves = _theory(net.config, blocks)
+        nonfinite = {
             f"{group}.{k}": kind
-            for group in ("blocks", "e2e", "theory")
-            for k, v in (record[group] or {}).items()
+            for group, values in (("blocks", blocks), ("e2e", e2e), ("theory", theory_curves))
+            for k, v in (values or {}).items()
             if not isinstance(v, str) and v is not None and (kind := _nonfinite_kind(v))
         }
-        if (kind := _nonfinite_kind(record["loss"])) is not None:
-            record["nonfinite"]["loss"] = kind
-        record["seconds"] = dict(compile=compile_s, run=run_s)
+        if (kind := _nonfinite_kind(result["loss"])) is not None:
+            nonfinite["loss"] = kind
+        record = dataclasses.asdict(RunRecord(
+            name=net.name, model=net.config.to_dict(), seed=seed, num_params=num_params,
+            loss=result["loss"], blocks=blocks, e2e=e2e, theory=theory_curves,
+            nonfinite=nonfinite, seconds=dict(compile=compile_s, run=run_s),
+        ))
         records.append(record)
     return records
 
@@ -302,69 +303,6 @@ def table_row(r: Mapping[str, Any]) -> str:
     )
 
 
-def _by_net(runs):
-    groups: dict[str, list] = {}
-    for r in runs:
-        groups.setdefault(r["name"], []).append(r)
-    return groups
-
-
-def _positive(values) -> np.ndarray:
-    """float64 array with non-finite and non-positive entries as NaN (gaps on a log axis)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
-
-
-def _plot(path: str, runs, panels, title: str) -> None:
-    """`panels`: (key, theory key or None, first x index, y label) per subplot."""
-    groups = _by_net(runs)
-    # tab20's dark shades first (10 distinct hues), then the light ones.
-    tab20 = plt.get_cmap("tab20").colors
-    palette = tab20[0::2] + tab20[1::2]
-    colors = lambda i: palette[i % len(palette)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels) + 3, 5), squeeze=False)
-    for ax, (key, theory_key, x0, ylabel) in zip(axes[0], panels):
-        drawn = False
-        for i, (name, group) in enumerate(groups.items()):
-            if key not in group[0]["blocks"]:
-                continue
-            with np.errstate(all="ignore"):
-                y = _positive(np.mean([r["blocks"][key] for r in group], axis=0))
-            x = np.arange(x0, x0 + len(y))
-            ax.plot(x, y, color=colors(i), lw=1.5, label=name)
-            drawn |= bool(np.isfinite(y).any())
-            predicted = group[0]["theory"]
-            if theory_key and predicted is not None:
-                with np.errstate(all="ignore"):
-                    t = _positive(np.mean([r["theory"][theory_key] for r in group], axis=0))
-                ax.plot(x, t, color=colors(i), lw=1.5, ls="--")
-                drawn |= bool(np.isfinite(t).any())
-        ax.set_xscale("symlog", linthresh=10)
-        if drawn:
-            ax.set_yscale("log")
-        ax.set_xlabel("layer index l (symlog)" if x0 == 0 else "block l (symlog)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="major", alpha=0.3)
-    axes[0][-1].plot([], [], color="gray", ls="--", label="mean-field theory")
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.suptitle(title + " (mean over seeds; non-finite and 0 values are gaps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_plots(workdir: str, runs) -> list[str]:
-    paths = [os.path.join(workdir, name) for name in PLOT_FILES]
-    _plot(paths[0], runs, [("act_grad_sq", "act_grad_sq", 0, "act_grad_sq[l] = E||dS/dx_l||^2")],
-          "Backward: squared gradient at x_l")
-    _plot(paths[1], runs, [("fwd_sq", "fwd_sq", 0, "fwd_sq[l] = mean x_l^2")],
-          "Forward: second moment of x_l")
-    _plot(paths[2], runs, [("jac_spectral", None, 1, "jac_spectral[l] = mean_i sigma_max(J_l)"),
-                           ("jac_fro_sq", "jac_fro_sq", 1, "jac_fro_sq[l] = mean ||J_l||_F^2 / n")],
-          "Block Jacobians J_l = dx_l/dx_{l-1}")
-    return paths
-
-
 # ----------------------------------------------------------------------------- the app
 
 
@@ -394,7 +332,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results = {"config": config.to_dict(), "runs": runs}
     results_path = os.path.join(workdir, RESULTS_FILE)
     reporting.write_json(results_path, results)
-    plots = write_plots(workdir, runs)
+    plots = plots_lib.gradient_flow(workdir, runs, PLOT_FILES)
     print(f"results: {results_path}\nplots: " + ", ".join(plots), flush=True)
     return results
 
@@ -422,7 +360,10 @@ def main(argv):
     reporting.quiet_library_logs(("tensorflow_datasets", "jax"))
     start = time.perf_counter()
     common.command_line_family_switch(flags.FLAGS.config)
-    common.run_main("gradient_flow", lambda: run(flags.FLAGS.config, flags.FLAGS.workdir))
+    # `run` checks the config and reads the batch before anything compiles: its ValueErrors are
+    # the user's (a bad field, an unprepared dataset).
+    common.run_main("gradient_flow", lambda: run(flags.FLAGS.config, flags.FLAGS.workdir),
+                    lambda: None)
     print(f"wall time {time.perf_counter() - start:.1f} s (after imports)")
 
 

@@ -1,4 +1,4 @@
-"""Trains and evaluates one network: the loop around `resflax.train`, with all the I/O.
+"""Trains and evaluates one network: the loop around `resflax.training`, with all the I/O.
 
     python -m experiments.train --config=configs/train.py --workdir=/tmp/train
     python -m experiments.train --config=configs/train.py --workdir=/tmp/train \\
@@ -12,7 +12,7 @@
     the previous record, in train mode; `train/learning_rate` of the last update;
     `perf/steps_per_sec` (wall clock);
   - every `eval_every_steps` steps and at the last step, `eval/loss`, `eval/error`,
-    `eval/accuracy` over the whole `dataset.eval_split` (running batch-norm statistics);
+    `eval/accuracy` over the whole `data.eval_split` (running batch-norm statistics);
   - every `grad_norm_every_steps` steps (0: never), at the parameters *before* update `step`
     and on that update's batch: `param_grad_norm` `[L]`, `||dL/dtheta_l||_2` over all the
     parameters of block `l = 1..L` (a scanned stage's stacked `[n, ...]` leaves are split per
@@ -50,8 +50,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -89,7 +87,7 @@ def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and what it allows. Reads no data."""
-    for name in ("seed", "dataset", "model", "optim", "batch_size", "num_train_steps"):
+    for name in ("seed", "data", "model", "optim", "batch_size", "num_train_steps"):
         if name not in config:
             raise ValueError(f"config.{name} is missing (see configs/train.py)")
     if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
@@ -99,9 +97,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         training.make_optimizer(optim_config(config))
     except ValueError as e:
         raise ValueError(f"config.{e}" if str(e).startswith("optim.") else f"config.optim: {e}")
-    if config.dataset.augment not in data.AUGMENTATIONS:
+    if config.data.augment not in data.AUGMENTATIONS:
         raise ValueError(
-            f"config.dataset.augment={config.dataset.augment!r} is not supported; allowed "
+            f"config.data.augment={config.data.augment!r} is not supported; allowed "
             f"values: {sorted(data.AUGMENTATIONS)}"
         )
     _check_int(config, "num_train_steps", 1)
@@ -161,7 +159,7 @@ def programs_key(config: ml_collections.ConfigDict) -> str:
 
 
 def _loader(config, split: str, *, train_mode: bool, batch_size: int):
-    ds = config.dataset
+    ds = config.data
     return data.make_loader(
         ds.name, split, batch_size=batch_size, train=train_mode, seed=config.seed,
         data_dir=ds.data_dir, augment=ds.augment if train_mode else "none",
@@ -172,18 +170,18 @@ def _loader(config, split: str, *, train_mode: bool, batch_size: int):
 
 def _data_key(config, split: str) -> str:
     return json.dumps(
-        {"dataset": config.dataset.to_dict(), "split": split, "seed": config.seed,
+        {"data": config.data.to_dict(), "split": split, "seed": config.seed,
          "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size},
         sort_keys=True,
     )
 
 
 def input_shape(config) -> tuple[int, ...]:
-    """`(1, H, W, C)` of the dataset's images (after `dataset.image_size`)."""
-    meta = data.dataset_meta(config.dataset.name, data_dir=config.dataset.data_dir)
+    """`(1, H, W, C)` of the dataset's images (after `data.image_size`)."""
+    meta = data.dataset_meta(config.data.name, data_dir=config.data.data_dir)
     shape = meta.image_shape
-    if config.dataset.image_size:
-        shape = (config.dataset.image_size, config.dataset.image_size, shape[-1])
+    if config.data.image_size:
+        shape = (config.data.image_size, config.data.image_size, shape[-1])
     num_classes = common.model_config(config).num_classes
     if num_classes != meta.num_classes:
         raise ValueError(
@@ -195,9 +193,9 @@ def input_shape(config) -> tuple[int, ...]:
 
 def evaluate(programs: Programs, state, config, cache: data.BatchCache | None = None
              ) -> dict[str, float]:
-    """Mean `loss` and `error` over the whole `dataset.eval_split` (last batch padded+masked)."""
+    """Mean `loss` and `error` over the whole `data.eval_split` (last batch padded+masked)."""
     local = config.eval_batch_size // jax.process_count()
-    split = config.dataset.eval_split
+    split = config.data.eval_split
     make = functools.partial(_loader, config, split, train_mode=False,
                              batch_size=config.eval_batch_size)
     batches = make() if cache is None else cache.eval_batches(_data_key(config, split), make)
@@ -219,32 +217,6 @@ def evaluate(programs: Programs, state, config, cache: data.BatchCache | None = 
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-class _StopRequests:
-    """SIGTERM and the first SIGINT set `requested`; the loop stops between steps. A second
-    SIGINT raises KeyboardInterrupt at once. Handlers are installed in the main thread only."""
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        del frame
-        if signum == signal.SIGINT and self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        logging.warning("%s received: stopping after this step and checkpointing", self.requested)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _empty_window() -> dict[str, float]:
@@ -286,7 +258,7 @@ class _Run:
         self.programs = programs or build_programs(config)
         self.state = self.programs.init(config.seed, input_shape(config))
         self.paths = training.param_paths(self.state.params)
-        split = config.dataset.train_split
+        split = config.data.train_split
         make = functools.partial(_loader, config, split, train_mode=True,
                                  batch_size=config.batch_size)
         self.data = iter(make()) if cache is None else cache.train_iterator(
@@ -372,7 +344,7 @@ class _Run:
         progress = reporting.Progress(config.num_train_steps, self.step,
                                       config.progress_every_secs)
         try:
-            with _StopRequests() as stop:
+            with common.StopRequests() as stop:
                 while self.step < config.num_train_steps:
                     if stop.requested or (config.stop_at_step is not None
                                           and self.step >= config.stop_at_step):
@@ -441,8 +413,11 @@ def main(argv):
         parallel.initialize_distributed(
             flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
         )
-    common.command_line_family_switch(flags.FLAGS.config)
-    summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    config = flags.FLAGS.config
+    common.command_line_family_switch(config)
+    check = lambda: (check_config(config), input_shape(config))  # Reads the dataset's metadata.
+    summary = common.run_main("train", check,
+                              lambda: train_and_evaluate(config, flags.FLAGS.workdir))
     if summary["status"] == "stopped_nonfinite":
         raise SystemExit(1)
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resflax import models
+from resflax import checks, models
 from resflax.models import Network
 
 Array = jax.Array
@@ -92,15 +92,12 @@ class Options:
     layer_batch: int = 1
 
     def __post_init__(self):
-        if self.fro_method not in FRO_METHODS:
-            raise ValueError(
-                f"fro_method={self.fro_method!r} is not supported; allowed values: {list(FRO_METHODS)}"
-            )
+        checks.choice("fro_method", self.fro_method, FRO_METHODS)
         for name in ("exact_max_dim", "num_probes", "power_iterations", "layer_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
-        if not self.power_tol >= 0:
-            raise ValueError(f"power_tol={self.power_tol!r} must be >= 0")
+            checks.integer(name, getattr(self, name), 1)
+        checks.number("power_tol", self.power_tol, 0.0)
+        for name in ("train", "jacobians", "end_to_end"):
+            checks.boolean(name, getattr(self, name))
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from resflax import layers
+from resflax.stems import STEMS, layer_kit
 from resflax.blocks import BOTTLENECK_EXPANSION, Block
-from resflax.config import DTYPES, ModelConfig
+from resflax.config import ModelConfig
 
 Array = jax.Array
 
@@ -106,21 +107,6 @@ def stage_plan(config: ModelConfig) -> tuple[StagePlan, ...]:
     return tuple(plans)
 
 
-def layer_kit(config: ModelConfig, freeze_norm_stats: bool = False) -> dict[str, Any]:
-    """The callables every layer shares: activation, norm factory, initializers, dtypes."""
-    norm_extra = {"unbiased_running_var": config.bn_running_var == "unbiased"} if (
-        config.norm == "batch") else {}
-    return dict(
-        activation=layers.activation(config.activation),
-        norm=functools.partial(layers.norm(config.norm), freeze_stats=freeze_norm_stats,
-                               **norm_extra),
-        kernel_init=layers.initializer(config.init, config.weight_scale),
-        bias_init=layers.bias_initializer(config.bias_scale),
-        use_bias=config.norm == "none",
-        dtypes=dict(dtype=DTYPES[config.dtype], param_dtype=DTYPES[config.param_dtype]),
-    )
-
-
 def block_factory(config: ModelConfig, freeze_norm_stats: bool = False) -> Callable[..., Block]:
     """`partial(Block, ...)` with every field but `width`, `strides`, `preact` and `name`."""
     kit = layer_kit(config, freeze_norm_stats)
@@ -184,63 +170,6 @@ def per_block_norms(config: ModelConfig, tree: Mapping) -> Array:
             sq = sq + jnp.sum(jnp.square(leaf).reshape(sq.shape[0], -1), axis=1)
         norms.append(jnp.sqrt(sq))
     return jnp.concatenate(norms)
-
-
-# ----------------------------------------------------------------------------- stems
-
-
-class DenseStem(nn.Module):
-    """MLP stem: `x_0 = W x + b` on the flattened input `[B, ...] -> [B, width]`."""
-
-    config: ModelConfig
-    freeze_norm_stats: bool = False
-
-    @nn.compact
-    def __call__(self, inputs: Array, train: bool) -> Array:
-        del train
-        kit = layer_kit(self.config, self.freeze_norm_stats)
-        dense = nn.Dense(self.config.width, kernel_init=kit["kernel_init"],
-                         bias_init=kit["bias_init"], name="layer", **kit["dtypes"])
-        return dense(inputs.reshape(inputs.shape[0], -1))
-
-
-class ConvStem(nn.Module):
-    """Conv stem `[B, H, W, C] -> [B, H', W', width]`: conv (3x3/1 CIFAR, 7x7/2 ImageNet) -
-    norm - act, then max-pool 3x3/2 for ImageNet.
-
-    He et al. 2016's pre-activation CIFAR nets have a bare conv (the first unit activates it
-    before splitting, `_first_preact`); every ImageNet stem has conv-norm-act-maxpool (for v2
-    that is the first unit's pre-activation). See docs/architecture.md.
-    """
-
-    config: ModelConfig
-    freeze_norm_stats: bool = False
-
-    @nn.compact
-    def __call__(self, inputs: Array, train: bool) -> Array:
-        config = self.config
-        kit = layer_kit(config, self.freeze_norm_stats)
-        imagenet = config.family == "imagenet_resnet"
-        kernel, strides = (7, 2) if imagenet else (3, 1)
-        pad = kernel // 2
-        x = layers.Conv(
-            config.width, (kernel, kernel), strides=(strides, strides),
-            padding=((pad, pad), (pad, pad)), use_bias=kit["use_bias"], impl=config.conv_impl,
-            kernel_init=kit["kernel_init"], bias_init=kit["bias_init"], name="layer",
-            **kit["dtypes"],
-        )(inputs)
-        if imagenet or config.block != "v2":
-            x = kit["activation"](kit["norm"](name="norm", **kit["dtypes"])(x, train))
-        if imagenet:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        return x
-
-
-STEMS: dict[str, type[nn.Module]] = {
-    "mlp": DenseStem,
-    "cifar_resnet": ConvStem,
-    "imagenet_resnet": ConvStem,
-}
 
 
 # ----------------------------------------------------------------------------- modules

@@ -38,7 +38,7 @@ def digits_dir(tmp_path_factory):
 def tiny_config(data_dir, **overrides):
     """A 2-block v1 MLP of width 16 on digits, batch 16, 30 steps."""
     c = train_config.get_config()
-    c.dataset.data_dir = data_dir
+    c.data.data_dir = data_dir
     c.model = config_dict(family="mlp", block="v1", depth=2, width=16, layers_per_block=2,
                                norm="batch")
     c.optim.learning_rate = 0.1
@@ -126,7 +126,7 @@ def test_digits_end_to_end_learns_evaluates_and_writes_files(digits_dir, tmp_pat
 
 def test_mock_cifar10_end_to_end(tmp_path):
     config = tiny_config(
-        str(tmp_path / "tfds"), **{"dataset.name": "cifar10", "dataset.augment": "cifar"}
+        str(tmp_path / "tfds"), **{"data.name": "cifar10", "data.augment": "cifar"}
     )
     config.model = config_dict(family="cifar_resnet", block="v1", depth=8, width=4)
     config.batch_size, config.eval_batch_size, config.num_train_steps = 8, 16, 4
@@ -254,7 +254,7 @@ def test_sigterm_checkpoints_and_reports_preempted(digits_dir, tmp_path, monkeyp
 
 def test_degradation_sweep_writes_results_and_plot(digits_dir, tmp_path):
     config = digits_degradation.get_config()
-    config.dataset.data_dir = digits_dir
+    config.data.data_dir = digits_dir
     config.model.width = 4
     config.nets = ({"model.block": "plain", "model.depth": 1},
                    {"model.block": "v1", "model.depth": 2})
@@ -307,7 +307,7 @@ def test_degradation_sweep_writes_results_and_plot(digits_dir, tmp_path):
         ("model.weight_scale", -2.0, r"config\.model: weight_scale=-2.0 must be a number >= 0"),
         ("optim.name", "rmsprop", r"config\.optim\.name.*allowed values"),
         ("optim.schedule", "linear", r"config\.optim\.schedule.*allowed values"),
-        ("dataset.augment", "mixup", r"config\.dataset\.augment='mixup'.*allowed values"),
+        ("data.augment", "mixup", r"config\.data\.augment='mixup'.*allowed values"),
         ("batch_size", 0, r"config\.batch_size=0"),
         ("log_every_steps", 0, r"config\.log_every_steps=0"),
         ("seed", -1, r"config\.seed=-1"),
@@ -392,12 +392,12 @@ def test_command_line_overrides_type_check():
     config = parse_flags(
         f"--config={REPO}/configs/train.py", "--config.model.depth=5",
         "--config.model.residual_scale=0", "--config.model.learnable_residual_scale=True",
-        "--config.optim.clip_global_norm=1.5", "--config.dataset.data_dir=/tmp/x",
+        "--config.optim.clip_global_norm=1.5", "--config.data.data_dir=/tmp/x",
     )
     fields = common.model_config(config).to_dict()
     assert fields["depth"] == 5 and fields["learnable_residual_scale"] is True
     assert fields["residual_scale"] == 0.0
-    assert config.optim.clip_global_norm == 1.5 and config.dataset.data_dir == "/tmp/x"
+    assert config.optim.clip_global_norm == 1.5 and config.data.data_dir == "/tmp/x"
     config = parse_flags(f"--config={REPO}/configs/train.py", "--config.model.residual_scale=0.25")
     assert common.model_config(config).residual_scale == 0.25
     with pytest.raises(flags.IllegalFlagValueError, match="depth"):
@@ -423,3 +423,30 @@ def test_he2015_config_builds_the_papers_nets():
     assert count(models[("v1", 110)]) == 1_727_962  # He et al. 2015: 1.7 M.
     assert abs(count(models[("v2", 164)]) - 1.70e6) < 0.01e6  # He et al. 2016: 1.7 M.
     assert abs(count(models[("v2", 1001)]) - 10.2e6) < 0.2e6  # He et al. 2016: 10.2 M.
+
+
+@pytest.mark.parametrize(
+    "module, args, field",
+    [
+        ("experiments.train", ["--config=configs/train.py", "--config.model.block=v3"],
+         "block='v3'"),
+        ("experiments.train", ["--config=configs/train.py", "--config.data.name=mnist",
+                               "--config.data.data_dir={tmp}"], "mnist"),
+        ("experiments.degradation", ["--config=configs/digits_degradation.py",
+                                     "--config.model.width=-3"], "width=-3"),
+    ],
+)
+def test_command_line_user_errors_are_one_line_with_exit_status_2(tmp_path, module, args, field):
+    import subprocess
+    import sys
+
+    args = [a.replace("{tmp}", str(tmp_path / "tfds")) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, f"--workdir={tmp_path / 'work'}"], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == common.USAGE_ERROR_EXIT_CODE == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(module.split(".")[1] + ": error:") and field in last, last
+    assert not os.path.exists(tmp_path / "work")  # Nothing written, nothing compiled.

@@ -1,0 +1,147 @@
+"""The apps' figures (PNG, matplotlib's Agg backend): one function per app, records in, files out."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+# ----------------------------------------------------------------------------- gradient_flow
+
+
+def _by_net(runs):
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r["name"], []).append(r)
+    return groups
+
+
+def _positive(values) -> np.ndarray:
+    """float64 array with non-finite and non-positive entries as NaN (gaps on a log axis)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+
+
+def _plot(path: str, runs, panels, title: str) -> None:
+    """`panels`: (key, theory key or None, first x index, y label) per subplot."""
+    groups = _by_net(runs)
+    # tab20's dark shades first (10 distinct hues), then the light ones.
+    tab20 = plt.get_cmap("tab20").colors
+    palette = tab20[0::2] + tab20[1::2]
+    colors = lambda i: palette[i % len(palette)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels) + 3, 5), squeeze=False)
+    for ax, (key, theory_key, x0, ylabel) in zip(axes[0], panels):
+        drawn = False
+        for i, (name, group) in enumerate(groups.items()):
+            if key not in group[0]["blocks"]:
+                continue
+            with np.errstate(all="ignore"):
+                y = _positive(np.mean([r["blocks"][key] for r in group], axis=0))
+            x = np.arange(x0, x0 + len(y))
+            ax.plot(x, y, color=colors(i), lw=1.5, label=name)
+            drawn |= bool(np.isfinite(y).any())
+            predicted = group[0]["theory"]
+            if theory_key and predicted is not None:
+                with np.errstate(all="ignore"):
+                    t = _positive(np.mean([r["theory"][theory_key] for r in group], axis=0))
+                ax.plot(x, t, color=colors(i), lw=1.5, ls="--")
+                drawn |= bool(np.isfinite(t).any())
+        ax.set_xscale("symlog", linthresh=10)
+        if drawn:
+            ax.set_yscale("log")
+        ax.set_xlabel("layer index l (symlog)" if x0 == 0 else "block l (symlog)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][-1].plot([], [], color="gray", ls="--", label="mean-field theory")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(title + " (mean over seeds; non-finite and 0 values are gaps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gradient_flow(workdir: str, runs, files: tuple[str, str, str]) -> list[str]:
+    """`gradient_flow`'s three figures (act_grad_sq, fwd_sq, block Jacobians) in `workdir`,
+    one line per net (mean over seeds), theory dashed; returns their paths."""
+    paths = [os.path.join(workdir, name) for name in files]
+    _plot(paths[0], runs, [("act_grad_sq", "act_grad_sq", 0, "act_grad_sq[l] = E||dS/dx_l||^2")],
+          "Backward: squared gradient at x_l")
+    _plot(paths[1], runs, [("fwd_sq", "fwd_sq", 0, "fwd_sq[l] = mean x_l^2")],
+          "Forward: second moment of x_l")
+    _plot(paths[2], runs, [("jac_spectral", None, 1, "jac_spectral[l] = mean_i sigma_max(J_l)"),
+                           ("jac_fro_sq", "jac_fro_sq", 1, "jac_fro_sq[l] = mean ||J_l||_F^2 / n")],
+          "Block Jacobians J_l = dx_l/dx_{l-1}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- degradation
+
+
+_COLORMAPS = {"plain": "Reds", "v1": "Blues", "v2": "Greens"}
+
+
+def _mean_curve(curves: list[list]) -> np.ndarray:
+    n = min(len(c) for c in curves)
+    return np.mean([np.asarray(c[:n], np.float64) for c in curves], axis=0)
+
+
+def degradation(runs: list[dict], table: list[dict], path: str) -> None:
+    """Writes `degradation.png`: (a) training loss vs step per net, (b) final training loss vs
+    weight layers per block kind (mean +- std over seeds), (c) per-block gradient norms at step 0."""
+    nets = list(dict.fromkeys(r["net"] for r in runs))
+    blocks = list(dict.fromkeys(r["model"]["block"] for r in runs))
+    colors = {}
+    for block in blocks:
+        mine = [n for n in nets if next(r for r in runs if r["net"] == n)["model"]["block"]
+                == block]
+        cmap = plt.get_cmap(_COLORMAPS.get(block, "Greys"))
+        for i, net in enumerate(mine):
+            colors[net] = cmap(0.45 + 0.55 * (i + 1) / len(mine))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+
+    ax = axes[0]
+    for net in nets:
+        group = [r for r in runs if r["net"] == net and r["history"]["step"]]
+        if not group:
+            continue
+        steps = group[0]["history"]["step"][: min(len(r["history"]["step"]) for r in group)]
+        loss = _mean_curve([[np.nan if v is None else v for v in r["history"]["train_loss"]]
+                            for r in group])
+        ax.plot(steps, loss, color=colors[net], label=net, lw=1.5)
+    ax.set(yscale="log", xlabel="step", ylabel="training loss (train mode)",
+           title="(a) training loss, mean over seeds")
+    ax.legend(fontsize=8, ncol=2)
+
+    ax = axes[1]
+    for block in blocks:
+        rows = [t for t in table if t["block"] == block and t["final_train_loss_mean"] is not None]
+        if rows:
+            ax.errorbar([t["weight_layers"] for t in rows],
+                        [t["final_train_loss_mean"] for t in rows],
+                        yerr=[t["final_train_loss_std"] for t in rows], marker="o", capsize=4,
+                        color=plt.get_cmap(_COLORMAPS.get(block, "Greys"))(0.85), label=block)
+    depths = sorted({t["weight_layers"] for t in table})
+    ax.set(xscale="log", yscale="log", xlabel="weight layers", ylabel="final training loss",
+           title="(b) final training loss, mean ± std over seeds")
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend()
+
+    ax = axes[2]
+    for net in nets:
+        group = [r["history"]["param_grad_norm"][0] for r in runs if r["net"] == net
+                 and r["history"]["grad_step"] and r["history"]["grad_step"][0] == 0]
+        if group:
+            norms = _mean_curve(group)
+            ax.plot(np.arange(1, len(norms) + 1), norms, color=colors[net], label=net, lw=1.5)
+    ax.set(yscale="log", xlabel="block l (input → output)",
+           ylabel="||dL/dθ_l|| at initialization", title="(c) per-block gradient norm, step 0")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
