@@ -68,4 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.progress_every_secs = 30.0
     config.num_devices = config_dict.placeholder(int)  # None: all devices.
     config.stop_at_step = config_dict.placeholder(int)  # Simulated preemption at this step.
+    # A step whose loss, activations, gradients or new state is not finite is never applied;
+    # 'stop' ends the run (status stopped_nonfinite), 'skip_step' drops that batch and goes on
+    # (at most max_skips in a row). Either way the log names where the values went non-finite.
+    config.on_nonfinite = "stop"  # 'stop' | 'skip_step'
+    config.max_skips = 10
+    # Warn (log and summary.json) when the step-0 per-block gradient norms span more than this
+    # factor; 0 disables the check.
+    config.grad_spread_warning = 1e6
     return config

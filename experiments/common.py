@@ -16,6 +16,7 @@ anything is compiled. Other exceptions keep their traceback.
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import sys
 import threading
@@ -134,3 +135,63 @@ class StopRequests:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class WorkdirLock:
+    """An exclusive lock on `workdir` for the whole run (`fcntl.flock` on `workdir/.lock`).
+
+    A second process on the same workdir fails at once with a `UserError` naming the holder
+    (pid, host, start time, command line). The kernel drops the lock when the holder exits,
+    however it exits (SIGKILL included), so a crashed run never leaves a stale lock. On
+    filesystems without `flock` (some network filesystems) the lock is advisory-only and a
+    warning says so.
+    """
+
+    FILE = ".lock"
+    _held: dict[str, int] = {}  # path -> depth: re-entrant within this process.
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), self.FILE)
+        self._file = None
+
+    def __enter__(self) -> "WorkdirLock":
+        if self.path in WorkdirLock._held:
+            WorkdirLock._held[self.path] += 1
+            return self
+        self._acquire()
+        WorkdirLock._held[self.path] = 1
+        return self
+
+    def _acquire(self) -> None:
+        import fcntl  # pylint: disable=g-import-not-at-top
+        import json  # pylint: disable=g-import-not-at-top
+        import socket  # pylint: disable=g-import-not-at-top
+        import time  # pylint: disable=g-import-not-at-top
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(f"workdir {os.path.dirname(self.path)!r} is in use by another run "
+                            f"({holder}); wait for it or use another --workdir") from None
+        except OSError as e:  # No flock support here: run unlocked, say so.
+            logging.warning("cannot lock %s (%s): concurrent runs are not prevented", self.path, e)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "argv": sys.argv}))
+        f.flush()
+        self._file = f
+
+    def __exit__(self, *exc) -> None:
+        WorkdirLock._held[self.path] -= 1
+        if WorkdirLock._held[self.path] == 0:
+            del WorkdirLock._held[self.path]
+            if self._file is not None:
+                self._file.close()  # Releases the lock.
+                self._file = None

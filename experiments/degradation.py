@@ -190,9 +190,15 @@ def format_table(table: list[dict]) -> str:
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains every (net, seed), writes `results.json` and the figure; returns the results."""
+    """Trains every (net, seed), writes `results.json` and the figure; returns the results.
+    Holds the lock of `workdir` throughout (`experiments.common.WorkdirLock`)."""
     check_config(config)
-    start = time.monotonic()
+    with common.WorkdirLock(workdir):
+        return _run_sweep(config, workdir)
+
+
+def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    start, start_utc = time.monotonic(), reporting.utc_now()
     os.makedirs(workdir, exist_ok=True)
     cache = data.BatchCache() if config.cache_batches else None
     programs: dict[str, train_app.Programs] = {}  # One compile per architecture.
@@ -222,9 +228,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             )))
             if summary["status"] == "preempted":
                 logging.warning("Preempted: rerun the same command to resume.")
-                return {"config": config.to_dict(), "runs": runs, "status": "preempted"}
+                return {"config": config.to_dict(), "runs": runs, "status": "preempted",
+                        "provenance": reporting.provenance(start_utc)}
     table = summarize(runs)
     results = {"config": config.to_dict(), "runs": runs, "table": table,
+               "provenance": reporting.provenance(start_utc),
                "wall_s": time.monotonic() - start}
     reporting.write_json(os.path.join(workdir, RESULTS_FILE), results)
     plots_lib.degradation(runs, table, os.path.join(workdir, PLOT_FILE))
@@ -242,7 +250,10 @@ def main(argv):
 
     def check():
         check_config(config)
-        train_app.input_shape(run_config(config, config.nets[0], config.seeds[0]))
+        run = run_config(config, config.nets[0], config.seeds[0])
+        train_app.input_shape(run)
+        for split in (run.data.train_split, run.data.eval_split):  # Prepared offline?
+            data.source(run.data.name, split, data_dir=run.data.data_dir)
 
     common.run_main("degradation", check, lambda: run_sweep(config, flags.FLAGS.workdir))
 

@@ -309,6 +309,7 @@ def table_row(r: Mapping[str, Any]) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Measures every net x seed; writes results.json and the plots; returns the results
     (floats as measured, NaN / inf included). ValueError for bad configuration or data."""
+    start_utc = reporting.utc_now()
     nets, options = check_config(config)
     inputs, labels, num_classes = load_batch(config)
     for net in nets:
@@ -329,7 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               config.seeds):
             print(table_row(record), flush=True)
             runs.append(record)
-    results = {"config": config.to_dict(), "runs": runs}
+    results = {"config": config.to_dict(), "runs": runs,
+               "provenance": reporting.provenance(start_utc)}
     results_path = os.path.join(workdir, RESULTS_FILE)
     reporting.write_json(results_path, results)
     plots = plots_lib.gradient_flow(workdir, runs, PLOT_FILES)

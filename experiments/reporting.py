@@ -4,6 +4,7 @@
   (`{"step": int, name: value, ...}`) and one TensorBoard scalar per value (a list value
   `v` becomes the scalars `name/000`, `name/001`, ...) in an events file in `workdir`.
 - `Progress`: logs `step / total, steps/s, ETA` through absl logging every `every_secs`.
+- `provenance(start_utc)`: versions, devices, git revision, host, argv, times for results.
 - `write_json`: atomic (write a temporary file, then rename), so a reader never sees half a file.
 
 Non-finite floats are written as `null` (JSON has no NaN / Infinity).
@@ -133,8 +134,10 @@ class MetricsWriter:
                 self._tb.add_scalar(name, value, step)
 
     def flush(self) -> None:
+        """Everything written so far reaches the files (and the disk, for the JSONL)."""
         if self.enabled:
             self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
             self._tb.flush()
 
     def close(self) -> None:
@@ -199,3 +202,54 @@ def quiet_library_logs(prefixes: tuple[str, ...] = ("orbax", "tensorflow_dataset
             )
 
     logging.get_absl_handler().addFilter(_Filter())
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _git_describe() -> str | None:
+    """`git describe --always --dirty` of the checkout this code runs from, if it is one."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=repo,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(start_utc: str) -> dict[str, Any]:
+    """Where and with what a result was made: package versions, backend and devices, process
+    count, git revision, Python, host, command line, start and end time (UTC)."""
+    import importlib.metadata as metadata  # pylint: disable=g-import-not-at-top
+    import platform  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+
+    import jax  # pylint: disable=g-import-not-at-top
+
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                    "tensorflow-datasets", "numpy", "resflax"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    return {
+        "versions": versions,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in devices],
+        "device_kind": devices[0].device_kind if devices else None,
+        "process_count": jax.process_count(),
+        "process_index": jax.process_index(),
+        "git": _git_describe(),
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "argv": list(sys.argv),
+        "start_utc": start_utc,
+        "end_utc": utc_now(),
+    }

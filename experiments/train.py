@@ -46,6 +46,7 @@ step, to stop at the exact failing step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -64,6 +65,7 @@ from experiments import common, reporting
 from resflax import build_model, checks, data, parallel, training
 
 STATUSES = ("completed", "preempted", "stopped_nonfinite")
+ON_NONFINITE = ("stop", "skip_step")
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -85,9 +87,59 @@ def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return optim
 
 
+# Fields that may differ on a resume without `allow_config_change`: they change when or how the
+# run reports, not what it computes.
+RESUME_FREE_FIELDS = ("stop_at_step", "progress_every_secs")
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
+                   ) -> dict[str, list[Any]]:
+    """`{dotted field: [saved value, current value]}` for every field that differs (JSON form),
+    ignoring `RESUME_FREE_FIELDS`."""
+    old, new = (_flatten(reporting.jsonable(c)) for c in (saved, current))
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RESUME_FREE_FIELDS}
+
+
+def _refuse_changes(changes: Mapping[str, list[Any]], step: int) -> None:
+    listed = ", ".join(f"config.{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    raise common.UserError(
+        f"the checkpoint at step {step} was made with another config ({listed}); resume with "
+        "the same config, use another --workdir, or pass --allow_config_change to resume anyway "
+        "(recorded in summary.json's config_history)")
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str,
+                 allow_config_change: bool = False) -> None:
+    """Refuses (UserError naming the fields) to resume a checkpoint made with another config,
+    unless `allow_config_change`. Reads only the newest readable checkpoint's loop state."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise common.UserError(f"--workdir={workdir!r} exists and is not a directory")
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if allow_config_change or not os.path.isdir(directory):
+        return
+    found = training.latest_extra(training.make_checkpoint_manager(directory))
+    if found is not None and "config" in found[1]:
+        changes = config_changes(found[1]["config"], config.to_dict())
+        if changes:
+            _refuse_changes(changes, found[0])
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and what it allows. Reads no data."""
-    for name in ("seed", "data", "model", "optim", "batch_size", "num_train_steps"):
+    for name in ("seed", "data", "model", "optim", "batch_size", "num_train_steps",
+                 "on_nonfinite", "max_skips", "grad_spread_warning"):
         if name not in config:
             raise ValueError(f"config.{name} is missing (see configs/train.py)")
     if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
@@ -110,6 +162,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_int(config, "grad_norm_every_steps", 0)
     _check_int(config, "checkpoint_every_steps", 1)
     _check_int(config, "stop_at_step", 0, optional=True)
+    checks.choice("config.on_nonfinite", config.on_nonfinite, ON_NONFINITE)
+    _check_int(config, "max_skips", 0)
+    checks.number("config.grad_spread_warning", config.grad_spread_warning, 0.0)
     n = config.num_devices or jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % n:
@@ -133,6 +188,7 @@ class Programs:
     train_step: Callable
     eval_step: Callable
     grad_stats: Callable
+    nonfinite_report: Callable  # (state, batch) -> where the step's non-finite values start
 
 
 def build_programs(config: ml_collections.ConfigDict) -> Programs:
@@ -145,6 +201,7 @@ def build_programs(config: ml_collections.ConfigDict) -> Programs:
         train_step=training.make_train_step(model, optim, mesh),
         eval_step=training.make_eval_step(model, mesh),
         grad_stats=training.make_grad_stats_step(model, mesh),
+        nonfinite_report=training.make_nonfinite_report(model, optim, mesh),
     )
 
 
@@ -250,8 +307,10 @@ class _Run:
     partial logging window, the last train and eval records, and the wall time so far.
     """
 
-    def __init__(self, config, workdir: str, cache: data.BatchCache | None, programs: Programs | None):
+    def __init__(self, config, workdir: str, cache: data.BatchCache | None,
+                 programs: Programs | None, allow_config_change: bool):
         self.config, self.cache, self.start = config, cache, time.monotonic()
+        self.start_utc = reporting.utc_now()
         self.primary = jax.process_index() == 0
         if self.primary:
             os.makedirs(workdir, exist_ok=True)
@@ -268,14 +327,24 @@ class _Run:
             max_to_keep=config.max_checkpoints_to_keep,
         )
         self.loop = {"window": _empty_window(), "last_train": None, "last_eval": None,
-                     "wall_s": 0.0}
-        restored = training.restore_latest(self.manager, self.state)
+                     "wall_s": 0.0, "config": config.to_dict(), "config_history": [],
+                     "skipped": [], "warnings": [], "grad_spread_step0": None}
+        restored = training.restore_latest(
+            self.manager, self.state, quarantine=os.path.join(os.path.abspath(workdir),
+                                                              CORRUPT_DIR))
         resume = None
         if restored is not None:
             self.state, iterator_state, extra = restored
+            resume = int(self.state.step)
+            changes = config_changes(extra.get("config", {}), config.to_dict())
+            if changes and not allow_config_change:
+                _refuse_changes(changes, resume)
             self.data.set_state(iterator_state)
             self.loop.update(extra)
-            resume = int(self.state.step)
+            if changes:
+                logging.warning("Resuming at step %d with a changed config: %s", resume, changes)
+                self.loop["config_history"].append({"step": resume, "changed": changes})
+            self.loop["config"] = config.to_dict()
             logging.info("Resuming from %s at step %d", self.manager.directory, resume)
         self.step = int(self.state.step)
         self.writer = reporting.MetricsWriter(
@@ -283,42 +352,74 @@ class _Run:
             enabled=self.primary,
         )
         self.nonfinite = None
+        self.skipped_in_a_row = 0
         self.window_start = time.monotonic()
 
     def wall_s(self) -> float:
         return self.loop["wall_s"] + time.monotonic() - self.start
 
     def save(self) -> None:
+        # Every record up to this step reaches the disk before the checkpoint that a resume
+        # starts from, so a resumed run's metrics have no holes (and `keep` drops the rest).
+        self.writer.flush()
         if self.manager.latest_step() != self.step:
             training.save_checkpoint(self.manager, self.state, self.data.get_state(),
                                   dict(self.loop, wall_s=self.wall_s()), force=True)
 
-    def train_step(self) -> bool:
-        """One update (with the gradient record first, when due); False if it was not finite."""
+    def train_step(self) -> str:
+        """One update (with the gradient record first, when due): 'applied', or for a
+        non-finite one (never applied) 'skipped' or 'stopped' (`config.on_nonfinite`)."""
         config, programs = self.config, self.programs
         batch = parallel.global_batch(programs.mesh, next(self.data))
-        if _every(self.step, config.grad_norm_every_steps):
-            self.writer.write(self.step,
-                              jax.device_get(programs.grad_stats(self.state, batch)))
+        spread_due = self.step == 0 and config.grad_spread_warning > 0
+        if _every(self.step, config.grad_norm_every_steps) or spread_due:
+            stats = jax.device_get(programs.grad_stats(self.state, batch))
+            if _every(self.step, config.grad_norm_every_steps):
+                self.writer.write(self.step, stats)
+            if spread_due:
+                self._check_grad_spread(np.asarray(stats["param_grad_norm"], np.float64))
         self.state, metrics = programs.train_step(self.state, batch)
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
-            leaf = int(metrics["nonfinite_leaf"])
-            self.nonfinite = {"step": int(metrics["step"]), "loss": float(metrics["loss"]),
-                              "param": self.paths[leaf] if leaf >= 0 else None}
-            logging.error(
-                "Non-finite update at step %d (loss %s); first parameter with a non-finite "
-                "gradient: %s. Stopping (the update was not applied).", self.nonfinite["step"],
-                self.nonfinite["loss"], self.nonfinite["param"] or "none (gradients finite)",
-            )
-            return False
+            # The step was not applied (`self.state` equals `before`'s values): say where its
+            # non-finite values start, then stop or skip the batch.
+            report = programs.nonfinite_report(self.state, batch)
+            report["loss"] = float(metrics["loss"])
+            where = report["where"] or "-"
+            message = (f"Non-finite values at step {report['step']} (loss {report['loss']}): "
+                       f"first in {report['first']} at {where}"
+                       + (f", parameter {report['param']}" if report["param"] else ""))
+            if config.on_nonfinite == "skip_step" and self.skipped_in_a_row < config.max_skips:
+                self.skipped_in_a_row += 1
+                self.loop["skipped"].append(report)
+                logging.warning("%s. Skipping this batch (on_nonfinite='skip_step', %d in a "
+                                "row).", message, self.skipped_in_a_row)
+                return "skipped"
+            self.nonfinite = report
+            logging.error("%s. Stopping (the update was not applied).", message)
+            return "stopped"
+        self.skipped_in_a_row = 0
         self.step += 1
         window = self.loop["window"]
         window["steps"] += 1
         for name in ("loss", "error", "grad_norm"):
             window[name] += float(metrics[name])
         window["learning_rate"] = float(metrics["learning_rate"])
-        return True
+        return "applied"
+
+    def _check_grad_spread(self, norms: np.ndarray) -> None:
+        """Warns when the step-0 per-block gradient norms span more than the configured factor
+        (a plain net whose early blocks barely train, or an exploding one)."""
+        positive = norms[np.isfinite(norms) & (norms > 0)]
+        spread = float(positive.max() / positive.min()) if len(positive) else float("nan")
+        self.loop["grad_spread_step0"] = spread
+        if not np.isfinite(spread) or spread > self.config.grad_spread_warning:
+            warning = (f"step 0: per-block gradient norms span {spread:.3g}x (blocks "
+                       f"{int(np.argmax(norms)) + 1} and {int(np.argmin(norms)) + 1}), more than "
+                       f"grad_spread_warning={self.config.grad_spread_warning:g}: some blocks "
+                       "will barely train (or blow up)")
+            logging.warning(warning)
+            self.loop["warnings"].append(warning)
 
     def after_step(self) -> None:
         """Records, evaluation and checkpoints due at `self.step`."""
@@ -350,8 +451,11 @@ class _Run:
                                           and self.step >= config.stop_at_step):
                         self.save()
                         return "preempted"
-                    if not self.train_step():
+                    outcome = self.train_step()
+                    if outcome == "stopped":
                         return "stopped_nonfinite"  # No checkpoint: the last one is good.
+                    if outcome == "skipped":
+                        continue  # The same step again, on the next batch.
                     self.after_step()
                     progress.update(self.step)
                 self.save()
@@ -377,6 +481,11 @@ class _Run:
             "wall_s": self.wall_s(),
             "config": self.config.to_dict(),
             "model": self.programs.model.config.to_dict(),
+            "config_history": loop["config_history"],
+            "skipped_steps": loop["skipped"],
+            "grad_spread_step0": loop["grad_spread_step0"],
+            "warnings": loop["warnings"],
+            "provenance": reporting.provenance(self.start_utc),
         }
         if self.nonfinite:
             summary["nonfinite"] = self.nonfinite
@@ -385,7 +494,8 @@ class _Run:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        cache: data.BatchCache | None = None,
-                       programs: Programs | None = None) -> dict[str, Any]:
+                       programs: Programs | None = None,
+                       allow_config_change: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
 
     See the module docstring for the files and statuses. `cache`: serve the data through a
@@ -393,11 +503,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `build_programs(config)`'s result, to share compiled programs between runs.
     """
     check_config(config)
-    run = _Run(config, os.fspath(workdir), cache, programs)
-    status = run.run()
-    summary = run.summary(status)
-    if run.primary:
-        reporting.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    workdir = os.fspath(workdir)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:  # Other processes of a multi-host run share the workdir.
+            stack.enter_context(common.WorkdirLock(workdir))
+        run = _Run(config, workdir, cache, programs, allow_config_change)
+        status = run.run()
+        summary = run.summary(status)
+        if run.primary:
+            reporting.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     logging.info("%s at step %d: %s", status, run.step,
                  {k: v for k, v in summary.items() if k != "config"})
     return summary
@@ -413,11 +527,22 @@ def main(argv):
         parallel.initialize_distributed(
             flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
         )
-    config = flags.FLAGS.config
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    allow = flags.FLAGS.allow_config_change
     common.command_line_family_switch(config)
-    check = lambda: (check_config(config), input_shape(config))  # Reads the dataset's metadata.
-    summary = common.run_main("train", check,
-                              lambda: train_and_evaluate(config, flags.FLAGS.workdir))
+    lock = common.WorkdirLock(workdir)
+
+    def check():  # Before anything compiles: config, dataset, workdir, resume.
+        check_config(config)
+        input_shape(config)
+        for split in (config.data.train_split, config.data.eval_split):  # Prepared offline?
+            data.source(config.data.name, split, data_dir=config.data.data_dir)
+        check_resume(config, workdir, allow)
+        if jax.process_index() == 0:
+            lock.__enter__()  # Held to the end of the process (re-entered by the run).
+
+    summary = common.run_main(
+        "train", check, lambda: train_and_evaluate(config, workdir, allow_config_change=allow))
     if summary["status"] == "stopped_nonfinite":
         raise SystemExit(1)
 
@@ -431,5 +556,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit set-up).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (explicit set-up).")
     flags.DEFINE_integer("process_id", None, "This process's index (explicit set-up).")
+    flags.DEFINE_bool("allow_config_change", False, "Resume a checkpoint made with another "
+                      "config (the differing fields are recorded in summary.json).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

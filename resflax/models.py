@@ -156,20 +156,39 @@ def segments(config: ModelConfig, freeze_norm_stats: bool = False) -> tuple[Segm
     )
 
 
-def per_block_norms(config: ModelConfig, tree: Mapping) -> Array:
-    """`[L]`: the 2-norm of each block's part of a params-shaped tree (e.g. gradients), in
-    signal order `x_1 .. x_L`; a scanned segment's stacked leaves are split per layer."""
-    norms = []
+def per_block_sums(config: ModelConfig, tree: Mapping,
+                   leaf_fn: Callable[[Array], Array]) -> Array:
+    """`[L]`: `sum(leaf_fn(leaf))` over each block's part of a params-shaped tree, in signal
+    order `x_1 .. x_L`; a scanned segment's stacked leaves are split per layer."""
+    sums = []
     for seg in segments(config):
         sub = tree
         for key in seg.path:
             sub = sub.get(key, {}) if hasattr(sub, "get") else {}
-        sq = jnp.zeros((seg.length if seg.stacked else 1,), jnp.float32)
+        total = jnp.zeros((seg.length if seg.stacked else 1,), jnp.float32)
         for leaf in jax.tree.leaves(sub):
-            leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-            sq = sq + jnp.sum(jnp.square(leaf).reshape(sq.shape[0], -1), axis=1)
-        norms.append(jnp.sqrt(sq))
-    return jnp.concatenate(norms)
+            values = leaf_fn(leaf).astype(jnp.float32)
+            total = total + jnp.sum(values.reshape(total.shape[0], -1), axis=1)
+        sums.append(total)
+    return jnp.concatenate(sums)
+
+
+def per_block_norms(config: ModelConfig, tree: Mapping) -> Array:
+    """`[L]`: the 2-norm of each block's part of a params-shaped tree (e.g. gradients)."""
+    return jnp.sqrt(per_block_sums(
+        config, tree, lambda x: jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))))
+
+
+def block_location(config: ModelConfig, index: int) -> str:
+    """Where block `index` (1..L, the producer of x_index) lives: `stages_s/first`,
+    `stages_s/rest[i]` (i-th layer of a scanned stack) or `stages_s/rest_i`."""
+    first = 1
+    for seg in segments(config):
+        if index < first + seg.length:
+            name = "/".join(seg.path[:2])
+            return f"{name}[{index - first}]" if seg.stacked else name
+        first += seg.length
+    raise ValueError(f"block index {index} is outside 1..{config.num_blocks}")
 
 
 # ----------------------------------------------------------------------------- modules

@@ -32,6 +32,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shutil
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -39,11 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
 from resflax import parallel
-from resflax.models import per_block_norms
+from resflax.models import block_location, per_block_norms, per_block_sums
 from resflax.layers import lookup
 
 Array = jax.Array
@@ -317,6 +321,86 @@ def make_grad_stats_step(model, mesh: Mesh) -> Callable[[TrainState, Mapping[str
                    out_shardings=rep)
 
 
+def _first(flags: Array) -> Array:
+    """Index of the first True of a bool vector, -1 if none."""
+    return jnp.where(jnp.any(flags), jnp.argmax(flags), -1).astype(jnp.int32)
+
+
+def _first_leaf(tree: PyTree) -> Array:
+    bad = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return _first(jnp.stack(bad)) if bad else jnp.int32(-1)
+
+
+def _nonfinite_probe(model, tx, state: TrainState, batch) -> Metrics:
+    """Where a step's non-finite values first appear (see `make_nonfinite_report`)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    (logits, signals), _ = model.apply(variables, batch["image"], train=True,
+                                       mutable=["batch_stats"], rngs={"dropout": rng})
+    act_ok = jnp.concatenate([jnp.all(jnp.isfinite(s.reshape(s.shape[0], -1)), axis=1)
+                              for s in signals])  # [L + 1]: x_0 .. x_L
+    (loss, (_, batch_stats)), grads = jax.value_and_grad(
+        functools.partial(_train_loss, model, state, batch), has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    not_finite = lambda x: ~jnp.isfinite(x)
+    return {
+        "logits_finite": jnp.all(jnp.isfinite(logits)),
+        "loss_finite": jnp.isfinite(loss),
+        "first_activation": _first(~act_ok),
+        "first_grad_block": _first(per_block_sums(model.config, grads, not_finite) > 0),
+        "first_grad_leaf": _first_leaf(grads),
+        "first_param_block": _first(per_block_sums(model.config, params, not_finite) > 0),
+        "first_param_leaf": _first_leaf(params),
+        "first_batch_stats_leaf": _first_leaf(batch_stats),
+        "first_opt_state_leaf": _first_leaf(opt_state),
+    }
+
+
+def make_nonfinite_report(model, optimizer: Optimizer, mesh: Mesh
+                          ) -> Callable[[TrainState, Mapping[str, Array]], dict[str, Any]]:
+    """`report(state, batch) -> dict`: where the non-finite values of the step from `state` on
+    `batch` first appear, in the order they are computed: activations (the first `x_l`, block
+    index `l` and its place in a scanned stack), the loss, gradients (first block, first
+    parameter), new parameters, batch statistics, optimizer state. For a step the train step
+    refused (the state passed in is the state before it); compiled on first use, never paid by
+    healthy runs. `model` must be a `resflax.Network`."""
+    tx = _optimizer(optimizer)
+    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    probe = jax.jit(functools.partial(_nonfinite_probe, model, tx), in_shardings=(rep, data),
+                    out_shardings=rep)
+
+    def report(state: TrainState, batch) -> dict[str, Any]:
+        p = {k: v.item() for k, v in jax.device_get(probe(state, batch)).items()}
+        paths = param_paths(state.params)
+        config = model.config
+        block = lambda i: None if i < 0 else {"block": i + 1,
+                                              "where": block_location(config, i + 1)}
+        out = {"step": int(jax.device_get(state.step)), "first": None, "block": None,
+               "where": None, "param": None}
+        act = p["first_activation"]
+        if act >= 0:  # x_0 (the stem's output) is index 0; block l makes x_l.
+            out.update(first="activations", block=act,
+                       where="stem" if act == 0 else block_location(config, act))
+        elif not p["logits_finite"] or not p["loss_finite"]:
+            out.update(first="loss", where="head" if not p["logits_finite"] else "loss")
+        elif p["first_grad_leaf"] >= 0:
+            out.update(first="gradients", param=paths[p["first_grad_leaf"]],
+                       **(block(p["first_grad_block"]) or {}))
+        elif p["first_param_leaf"] >= 0:
+            out.update(first="params", param=paths[p["first_param_leaf"]],
+                       **(block(p["first_param_block"]) or {}))
+        elif p["first_batch_stats_leaf"] >= 0:
+            out.update(first="batch_stats")
+        elif p["first_opt_state_leaf"] >= 0:
+            out.update(first="opt_state")
+        if out["param"] is None and p["first_grad_leaf"] >= 0:
+            out["param"] = paths[p["first_grad_leaf"]]
+        return out
+
+    return report
+
+
 def _train_step(model, tx, learning_rate_fn, state: TrainState, batch):
     """See `make_train_step`."""
     (loss, (error, batch_stats)), grads = jax.value_and_grad(
@@ -447,6 +531,38 @@ def make_checkpoint_manager(
     return ocp.CheckpointManager(directory, options=options)
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint in the directory can be restored (each failure is named)."""
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib  # pylint: disable=g-import-not-at-top
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _host_array(x) -> np.ndarray:
+    """This process's copy of a (replicated) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def state_digests(state: TrainState) -> dict[str, str]:
+    """`{path: sha256 of dtype, shape and bytes}` of every array of `state` (on the host)."""
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        a = np.ascontiguousarray(_host_array(leaf))
+        digests[_path_str(path)] = _sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+    return digests
+
+
+def _json_digest(obj: Any) -> str:
+    return _sha256(json.dumps(obj, sort_keys=True).encode())
+
+
 def save_checkpoint(
     manager: ocp.CheckpointManager,
     state: TrainState,
@@ -459,17 +575,25 @@ def save_checkpoint(
     `data_iterator_state`: this process's grain `iterator.get_state()` (JSON bytes, or a dict),
     kept per process and returned with its type by `restore_latest`. `extra`: a JSON dict
     (the primary host's is kept). Every process must call it. Returns whether a save started.
+
+    Integrity: a SHA-256 digest of every array of `state` (as it is on the host now) and of
+    `extra` is saved beside them (item `integrity`), and one of the iterator state inside its
+    per-process file; `restore_latest` checks them all.
     """
     if isinstance(data_iterator_state, (bytes, bytearray)):
         data = {"format": "bytes", "value": bytes(data_iterator_state).decode("utf-8")}
     else:
         data = {"format": "json", "value": data_iterator_state}
+    data["sha256"] = _json_digest(data["value"])
+    extra = dict(extra or {})
+    integrity = {"state": state_digests(state), "extra": _json_digest(extra)}
     return manager.save(
         int(jax.device_get(state.step)),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=_ProcessLocalJsonSave(data),
-            extra=ocp.args.JsonSave(dict(extra or {})),
+            extra=ocp.args.JsonSave(extra),
+            integrity=ocp.args.JsonSave(integrity),
         ),
         force=force,
     )
@@ -480,25 +604,82 @@ def abstract_state(state: TrainState) -> TrainState:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, target: TrainState
-) -> tuple[TrainState, Any, dict] | None:
-    """`(state, data_iterator_state, extra)` from the latest checkpoint, or None if there is
-    none. `target` is a `TrainState` (e.g. fresh from `create_train_state`, or its
-    `abstract_state`) that gives the tree structure, shapes, dtypes and shardings."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: TrainState):
+    """`(state, iterator state, extra)` of `step`, verified; raises on any failure."""
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state(target)),
             data=_ProcessLocalJsonRestore(),
             extra=ocp.args.JsonRestore(),
+            integrity=ocp.args.JsonRestore(),
         ),
     )
-    data = restored["data"]
+    integrity, data, extra = restored["integrity"], restored["data"], dict(restored["extra"])
+    if _json_digest(data["value"]) != data.get("sha256"):
+        raise ValueError("the data-iterator state does not match its digest")
+    if _json_digest(extra) != integrity["extra"]:
+        raise ValueError("the loop state ('extra') does not match its digest")
+    got, want = state_digests(restored["state"]), integrity["state"]
+    bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if bad:
+        raise ValueError(f"{len(bad)} array(s) do not match their digests, first {bad[0]}")
     iterator_state = data["value"]
     if data["format"] == "bytes":
         iterator_state = iterator_state.encode("utf-8")
-    return restored["state"], iterator_state, dict(restored["extra"])
+    return restored["state"], iterator_state, extra
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, target: TrainState, quarantine: str | None = None,
+) -> tuple[TrainState, Any, dict] | None:
+    """`(state, data_iterator_state, extra)` from the newest checkpoint that restores and
+    matches its digests, or None if there is no checkpoint at all.
+
+    `target` is a `TrainState` (e.g. fresh from `create_train_state`, or its `abstract_state`)
+    that gives the tree structure, shapes, dtypes and shardings. A checkpoint that fails
+    (unreadable, truncated, missing files, a flipped bit) is skipped with one warning naming its
+    step and the reason, and moved into `quarantine` (a directory) if given, so that the run can
+    save that step again. Raises `CheckpointError` when checkpoints exist but none restores:
+    never a silent restart from scratch.
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            result = _restore_step(manager, step, target)
+        except Exception as e:  # pylint: disable=broad-except
+            failures.append(f"step {step}: {_one_line(e)}")
+            logging.warning("Checkpoint at step %d in %s cannot be used (%s); trying the previous "
+                            "one.", step, manager.directory, _one_line(e))
+            if quarantine is not None and jax.process_index() == 0:
+                os.makedirs(quarantine, exist_ok=True)
+                shutil.move(os.path.join(os.fspath(manager.directory), str(step)),
+                            os.path.join(quarantine, f"{step}.{int(time.time())}"))
+            continue
+        if quarantine is not None:
+            manager.reload()
+        return result
+    if failures:
+        raise CheckpointError(f"no checkpoint in {manager.directory} can be restored: "
+                              + "; ".join(failures))
+    return None
+
+
+def latest_extra(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """`(step, extra)` of the newest checkpoint whose `extra` reads and matches its digest,
+    without restoring arrays (cheap: for checks before anything compiles); None if none."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                extra=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
+        except Exception:  # pylint: disable=broad-except
+            continue  # restore_latest names it when it falls back.
+        extra = dict(restored["extra"])
+        if _json_digest(extra) == restored["integrity"]["extra"]:
+            return step, extra
+    return None
