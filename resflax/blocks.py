@@ -154,10 +154,13 @@ class Block(nn.Module):
 
     def _alpha(self) -> Array | float:
         if self.learnable_residual_scale:
-            return self.param(
+            alpha = self.param(
                 "residual_scale", nn.initializers.constant(self.residual_scale), (),
                 self.param_dtype,
             )
+            # In the compute dtype, like every layer's parameters (promote_dtype): a float32
+            # alpha would promote a bfloat16 block's output (and break nn.scan's carry).
+            return alpha if self.dtype is None else alpha.astype(self.dtype)
         return self.residual_scale
 
     def _projection(self, x: Array) -> Array:

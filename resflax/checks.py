@@ -47,6 +47,15 @@ def number(name: str, value: Any, minimum: float = -math.inf, *, finite: bool = 
     return float(value)
 
 
+def positive(name: str, value: Any) -> float:
+    """`float(value)` if it is a finite real number (not a bool) `> 0`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 < value < math.inf
+    ):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
+    return float(value)
+
+
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be True or False")

@@ -170,15 +170,18 @@ class ModelConfig:
         for name in ("depth", "width", "num_classes"):
             checks.integer(name, getattr(self, name), 1)
         for name in ("weight_scale", "bias_scale"):
-            self._set(name, checks.number(name, getattr(self, name), 0.0))
+            self._set(name, checks.number(name, getattr(self, name), 0.0, finite=True))
         if isinstance(self.residual_scale, str):
             raise ValueError(
                 f"residual_scale={self.residual_scale!r} must be a number (a learnable scale: "
                 "learnable_residual_scale=True, starting at residual_scale)"
             )
-        self._set("residual_scale", checks.number("residual_scale", self.residual_scale))
+        self._set("residual_scale",
+                  checks.number("residual_scale", self.residual_scale, finite=True))
         for name in ("zero_init_residual", "learnable_residual_scale", "remat", "scan"):
             checks.boolean(name, getattr(self, name))
+        if self.bottleneck is not None:  # ImageNet's unset one follows from the depth.
+            checks.boolean("bottleneck", self.bottleneck)
         if self.block == "plain" and (self.residual_scale != 1.0 or self.learnable_residual_scale):
             what = ("learnable_residual_scale=True" if self.learnable_residual_scale
                     else f"residual_scale={self.residual_scale!r}")
@@ -209,13 +212,13 @@ class ModelConfig:
                         "family='imagenet_resnet' (bottleneck blocks from depth 50 on)"
                     )
                 self._set("bottleneck", wanted)
-            checks.boolean("bottleneck", self.bottleneck)
         self.stage_sizes()  # Validates the depth.
-        if "float64" in (self.dtype, self.param_dtype) and not jax.config.read("jax_enable_x64"):
-            raise ValueError(
-                "dtype/param_dtype='float64' needs 64-bit JAX: "
-                "jax.config.update('jax_enable_x64', True) before building the model"
-            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) == "float64" and not jax.config.read("jax_enable_x64"):
+                raise ValueError(
+                    f"{name}='float64' needs 64-bit JAX: "
+                    "jax.config.update('jax_enable_x64', True) before building the model"
+                )
 
     # ----- derived, pure -----
 

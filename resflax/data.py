@@ -43,9 +43,14 @@ class DatasetNotFoundError(ValueError):
 
 
 def _not_prepared_message(builder: tfds.core.DatasetBuilder, data_dir: Any) -> str:
-    name, root = builder.name, os.fspath(data_dir) if data_dir else "the default tfds data_dir"
+    name = builder.name
+    # data_dir=None: the root tfds resolved, its default ($TFDS_DATA_DIR, read when tfds is
+    # imported, else ~/tensorflow_datasets: tfds.core.constants.DATA_DIR), a path to paste.
+    root = os.fspath(data_dir) if data_dir else os.fspath(builder.data_dir_root)
+    where = f"data_dir={root!r}" if data_dir else (
+        f"tfds' default data_dir {root!r} ($TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     lines = [
-        f"Dataset {name!r} is not prepared in data_dir={root!r} (looked for array_record files "
+        f"Dataset {name!r} is not prepared in {where} (looked for array_record files "
         f"in {os.fspath(builder.data_path)}). resflax reads prepared data offline and never "
         "downloads implicitly. To prepare it (needs TensorFlow and, for most datasets, network):",
         "  pip install 'resflax[prepare]'    # adds tensorflow-cpu; only preparing needs it",
@@ -251,7 +256,8 @@ def source(name: str, split: str, *, data_dir=None, download: bool = False):
             raise DatasetNotFoundError(
                 f"Dataset {name!r} in {os.fspath(builder.data_path)} is prepared as "
                 f"{builder.info.file_format.value}, which has no random access. Rebuild it: "
-                f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
+                f"tfds build {name} --data_dir={os.fspath(builder.data_dir_root)} "
+                "--file_format=array_record"
             ) from None
         raise
 

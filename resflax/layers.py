@@ -106,8 +106,16 @@ def _variance_scaling(factor: float, mode: str, distribution: str) -> Callable[[
 
 
 def _orthogonal(weight_scale: float) -> Initializer:
-    """Orthogonal rows or columns of `reshape(kernel, [-1, out])`, times the gain sigma_w."""
-    return nn.initializers.orthogonal(scale=weight_scale, column_axis=-1)
+    """Orthogonal rows or columns of `reshape(kernel, [-1, out])`, times the gain sigma_w.
+
+    The QR runs in float32 at least and is cast to `dtype` (XLA:CPU has no bfloat16/float16 QR).
+    """
+    orthogonal = nn.initializers.orthogonal(scale=weight_scale, column_axis=-1)
+
+    def init(key, shape, dtype=jnp.float32):
+        return orthogonal(key, shape, jnp.promote_types(dtype, jnp.float32)).astype(dtype)
+
+    return init
 
 
 def _delta_orthogonal(weight_scale: float) -> Initializer:

@@ -46,7 +46,7 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
-from resflax import parallel
+from resflax import checks, parallel
 from resflax.models import block_location, per_block_norms, per_block_sums
 from resflax.layers import lookup
 
@@ -65,7 +65,8 @@ def _get(config: Mapping[str, Any], field: str, default: Any = None) -> Any:
 
 def _piecewise(config, lr: float) -> optax.Schedule:
     """lr times `decay_factor` at each boundary (He et al. 2015: 0.1 at 32k and 48k)."""
-    factor = _get(config, "decay_factor", 0.1)
+    factor = checks.number("optim.decay_factor", _get(config, "decay_factor", 0.1), 0.0,
+                           finite=True)
     boundaries = [int(b) for b in _get(config, "boundaries", ())]
     return optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
 
@@ -93,14 +94,15 @@ def make_schedule(config: Mapping[str, Any]) -> optax.Schedule:
     use for ResNet-110: 0.01 for the first ~400 iterations, then 0.1), otherwise the schedule
     named by `config.schedule`. Piecewise boundaries count from step 0, not from the warm-up end.
     """
-    lr = float(config["learning_rate"])
+    lr = checks.positive("optim.learning_rate", config.get("learning_rate"))
     main = lookup(SCHEDULES, _get(config, "schedule", "constant"), "optim.schedule")(config, lr)
-    warmup = int(_get(config, "warmup_steps", 0))
-    if warmup <= 0:
+    warmup = checks.integer("optim.warmup_steps", _get(config, "warmup_steps", 0), 0)
+    if warmup == 0:
         return main
     warmup_lr = config.get("warmup_lr")
     if warmup_lr is None:
         raise ValueError("optim.warmup_steps > 0 needs optim.warmup_lr")
+    warmup_lr = checks.number("optim.warmup_lr", warmup_lr, 0.0, finite=True)
     return lambda step: jnp.where(step < warmup, jnp.float32(warmup_lr), main(step))
 
 
@@ -121,12 +123,16 @@ DECAY_MASKS: dict[str, Any] = {
 }
 
 
+def _nesterov(config) -> bool:
+    return checks.boolean("optim.nesterov", _get(config, "nesterov", False))
+
+
 def _sgd(config, schedule, weight_decay, mask):
     """SGD with L2 regularisation: `g + wd * w` enters the momentum (He et al. 2015)."""
-    momentum = float(_get(config, "momentum", 0.9))
+    momentum = checks.number("optim.momentum", _get(config, "momentum", 0.9), 0.0, finite=True)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity(),
-        optax.sgd(schedule, momentum or None, nesterov=bool(_get(config, "nesterov", False))),
+        optax.sgd(schedule, momentum or None, nesterov=_nesterov(config)),
     )
 
 
@@ -134,7 +140,7 @@ def _adam(config, schedule, weight_decay, mask):
     """Adam with L2 regularisation added to the gradient (coupled, like torch's Adam)."""
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity(),
-        optax.adam(schedule, nesterov=bool(_get(config, "nesterov", False))),
+        optax.adam(schedule, nesterov=_nesterov(config)),
     )
 
 
@@ -142,7 +148,7 @@ def _adamw(config, schedule, weight_decay, mask):
     """Decoupled weight decay (Loshchilov & Hutter 2019), optax convention: `w -= lr * wd * w`."""
     return optax.adamw(
         schedule, weight_decay=weight_decay, mask=mask,
-        nesterov=bool(_get(config, "nesterov", False)),
+        nesterov=_nesterov(config),
     )
 
 
@@ -162,15 +168,23 @@ def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
     `name` with `weight_decay` on the leaves chosen by `weight_decay_mask`, at the learning rate
     `make_schedule(config)(step)`. Missing or None fields take the defaults: name 'sgd',
     momentum 0.9, nesterov False, weight_decay 0, weight_decay_mask 'all', schedule 'constant',
-    decay_factor 0.1, warmup_steps 0. Unknown names raise a ValueError listing the allowed ones.
+    decay_factor 0.1, warmup_steps 0. Unknown names raise a ValueError listing the allowed ones;
+    a bad number (`learning_rate` and clip thresholds finite and > 0; momentum, weight_decay,
+    decay_factor, warmup_lr finite and >= 0; warmup_steps an integer >= 0) one naming it.
     """
     make = lookup(OPTIMIZERS, _get(config, "name", "sgd"), "optim.name")
     mask = lookup(DECAY_MASKS, _get(config, "weight_decay_mask", "all"), "optim.weight_decay_mask")
     clip, agc = config.get("clip_global_norm"), config.get("adaptive_clip")
+    if clip is not None:
+        clip = checks.positive("optim.clip_global_norm", clip)
+    if agc is not None:
+        agc = checks.positive("optim.adaptive_clip", agc)
+    weight_decay = checks.number("optim.weight_decay", _get(config, "weight_decay", 0.0), 0.0,
+                                 finite=True)
     return optax.chain(
-        optax.clip_by_global_norm(float(clip)) if clip is not None else optax.identity(),
-        optax.adaptive_grad_clip(float(agc)) if agc is not None else optax.identity(),
-        make(config, make_schedule(config), float(_get(config, "weight_decay", 0.0)), mask),
+        optax.clip_by_global_norm(clip) if clip is not None else optax.identity(),
+        optax.adaptive_grad_clip(agc) if agc is not None else optax.identity(),
+        make(config, make_schedule(config), weight_decay, mask),
     )
 
 

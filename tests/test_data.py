@@ -163,6 +163,21 @@ def test_missing_dataset_raises_a_clear_error_and_downloads_nothing(tmp_path):
     assert not any(files for _, _, files in os.walk(tmp_path))  # nothing downloaded or written
 
 
+def test_missing_dataset_without_data_dir_names_the_tfds_default(tmp_path, monkeypatch):
+    # tfds reads $TFDS_DATA_DIR once, at import, into constants.DATA_DIR, and resolves
+    # data_dir=None from that constant (and registered dirs) at call time.
+    default = tmp_path / "tfds_default"
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(default))
+    monkeypatch.setattr(tfds.core.utils.file_utils, "_REGISTERED_DATA_DIRS", set())
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.source("cifar10", "train")
+    msg = str(err.value)
+    assert "the default tfds data_dir" not in msg
+    assert f"tfds' default data_dir {str(default)!r}" in msg
+    assert f"tfds build cifar10 --data_dir={default} --file_format=array_record" in msg
+    assert not any(files for _, _, files in os.walk(tmp_path))  # nothing downloaded or written
+
+
 def test_download_opt_in_wraps_failures_in_the_same_error(tmp_path, monkeypatch):
     def fail(self, **kwargs):
         raise ModuleNotFoundError("No module named 'tensorflow'")

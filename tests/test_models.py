@@ -521,7 +521,7 @@ def test_build_model_accepts_a_config_dict():
         (dict(bottleneck=True), r"bottleneck=True is not supported for family='mlp'"),
         (dict(depth=0), r"depth=0 must be an integer >= 1"),
         (dict(width=-4), r"width=-4 must be an integer >= 1"),
-        (dict(weight_scale=-1.0), r"weight_scale=-1.0 must be a number >= 0"),
+        (dict(weight_scale=-1.0), r"weight_scale=-1.0 must be a finite number >= 0"),
         (dict(layers_per_block=3), r"layers_per_block=3.*allowed values: \[1, 2\]"),
         (dict(family="cifar_resnet", layers_per_block=2), r"layers_per_block=2 applies to"),
         (dict(residual_scale="big"), r"residual_scale='big' must be a number"),

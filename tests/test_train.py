@@ -3,6 +3,7 @@ checkpoint resume (bit-for-bit) and data parallelism over simulated devices."""
 
 import functools
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -230,6 +231,34 @@ def test_cosine_and_constant_schedules():
 def test_unknown_names_raise(field, value):
     with pytest.raises(ValueError, match=rf"optim\.{field}.*allowed values"):
         training.make_optimizer(optim(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    "overrides, field, bound",
+    [
+        (dict(learning_rate=-1), "learning_rate", "> 0"),
+        (dict(learning_rate=0.0), "learning_rate", "> 0"),
+        (dict(learning_rate=float("inf")), "learning_rate", "> 0"),
+        (dict(learning_rate=float("nan")), "learning_rate", "> 0"),
+        (dict(learning_rate=None), "learning_rate", "> 0"),
+        (dict(learning_rate="0.1"), "learning_rate", "> 0"),
+        (dict(momentum=-0.9), "momentum", ">= 0"),
+        (dict(weight_decay=-1e-4), "weight_decay", ">= 0"),
+        (dict(name="adamw", weight_decay=-1e-4), "weight_decay", ">= 0"),
+        (dict(warmup_steps=10, warmup_lr=-0.01), "warmup_lr", ">= 0"),
+        (dict(warmup_steps=-1), "warmup_steps", ">= 0"),
+        (dict(warmup_steps=True), "warmup_steps", ">= 0"),
+        (dict(schedule="piecewise", boundaries=[5], decay_factor=-0.1), "decay_factor", ">= 0"),
+        (dict(clip_global_norm=0.0), "clip_global_norm", "> 0"),
+        (dict(adaptive_clip=-0.01), "adaptive_clip", "> 0"),
+        (dict(nesterov="False"), "nesterov", "True or False"),
+    ],
+)
+def test_bad_numbers_raise(overrides, field, bound):
+    value = overrides[field]  # A plain dict: a ConfigDict would cast or refuse some values.
+    with pytest.raises(ValueError, match=rf"^optim\.{field}={re.escape(repr(value))} must be.*"
+                                         rf"{re.escape(bound)}"):
+        training.make_optimizer(optim().to_dict() | overrides)
 
 
 # ------------------------------------------------------------------ non-finite detection
