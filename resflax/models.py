@@ -167,7 +167,8 @@ def per_block_sums(config: ModelConfig, tree: Mapping,
             sub = sub.get(key, {}) if hasattr(sub, "get") else {}
         total = jnp.zeros((seg.length if seg.stacked else 1,), jnp.float32)
         for leaf in jax.tree.leaves(sub):
-            values = leaf_fn(leaf).astype(jnp.float32)
+            values = leaf_fn(leaf)  # float32 at least (float64 stays float64).
+            values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
             total = total + jnp.sum(values.reshape(total.shape[0], -1), axis=1)
         sums.append(total)
     return jnp.concatenate(sums)
