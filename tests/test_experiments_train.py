@@ -304,7 +304,7 @@ def test_degradation_sweep_writes_results_and_plot(digits_dir, tmp_path):
     [
         ("model.block", "resnet", r"config\.model: block='resnet'.*allowed values"),
         ("model.depth", 0, r"config\.model: depth=0"),
-        ("model.weight_scale", -2.0, r"config\.model: weight_scale=-2.0 must be a number >= 0"),
+        ("model.weight_scale", -2.0, r"config\.model: weight_scale=-2.0 must be a finite number >= 0"),
         ("optim.name", "rmsprop", r"config\.optim\.name.*allowed values"),
         ("optim.schedule", "linear", r"config\.optim\.schedule.*allowed values"),
         ("data.augment", "mixup", r"config\.data\.augment='mixup'.*allowed values"),
