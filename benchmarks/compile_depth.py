@@ -3,7 +3,7 @@
     python -m benchmarks.compile_depth     # ~3 min on 2 CPU cores; writes benchmarks/results/compile_depth.json
 
 For He et al.'s CIFAR ResNets (v1, width 16, batch norm, option A) of depth 20, 56, 110 and
-1202, batch 128 of 32x32x3, it lowers and compiles `resflax.train.make_train_step` (the step
+1202, batch 128 of 32x32x3, it lowers and compiles `resflax.training.make_train_step` (the step
 `experiments.train` runs) on abstract inputs -- nothing is initialized or run -- and records:
 - `lower_s`, `compile_s`: tracing + lowering, and XLA compilation (the faster of two tries);
 - XLA's `memory_analysis()` of the compiled step: `temp_bytes` (activations kept for the

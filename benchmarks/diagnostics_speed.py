@@ -6,7 +6,7 @@
 1. Per-layer statistics without Jacobians (`Options(jacobians=False, end_to_end=False)`:
    fwd_sq, channel statistics, act_grad_sq, param_grad_norm, loss) of a CIFAR ResNet-56 (v1,
    batch norm, scanned as built by default) vs one training step of the same model
-   (`resflax.train.make_train_step`: forward,
+   (`resflax.training.make_train_step`: forward,
    backward, SGD momentum + weight decay update, non-finite guard), both jitted, same batch of
    32x32x3 inputs. The two are timed alternately (so load from other processes hits both) and
    the medians compared. Target: ratio <= 1.3.

@@ -7,7 +7,7 @@ For CIFAR ResNet-20, its plain twin and ResNet-56 (He et al. 2015; width 16, bat
 A), batch 128 of 32x32x3 images already on the device, it times one SGD step (momentum 0.9,
 weight decay 1e-4 on every weight, lr 0.1: He et al.'s recipe, read from
 configs/cifar10_he2015.py) of:
-- resflax, `resflax.train.make_train_step` (what `experiments.train` runs: sharded jit, forward,
+- resflax, `resflax.training.make_train_step` (what `experiments.train` runs: sharded jit, forward,
   backward, update, non-finite guard), built with `scan=True` (the default: repeated blocks are
   one `nn.scan`, compile time flat in depth) and with `scan=False` (unrolled);
 - PyTorch (`benchmarks/torch_cifar_resnet.py`, the same function given the same weights; tested),

@@ -125,8 +125,16 @@ def _transpose_x(g, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation
     return _bind(g, w_t, lhs_dilation, pad, window_strides, rhs_dilation, precision)
 
 
+# Examples per kernel-gradient convolution. XLA:CPU computes `dw` as one convolution whose
+# "window" is the whole image and whose contraction runs over the batch; in chunks of 16
+# examples, summed, it stays in cache: measured on 2 cores (batch 128, 3x3, NHWC), 24.4 -> 7.9 ms
+# at 16 channels / 32x32, 20.7 -> 7.5 ms at 32 / 16x16, 10.5 -> 6.0 ms at 64 / 8x8.
+DW_BATCH_CHUNK = 16
+
+
 def _transpose_w(g, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation, precision):
-    """dw = (d conv / d w)^T g: batch and features of x swapped, g as the kernel."""
+    """dw = (d conv / d w)^T g: batch and features of x swapped, g as the kernel; summed over
+    chunks of `DW_BATCH_CHUNK` examples."""
     x_shape, w_shape = x.shape, w.aval.shape
     pad = []
     for d in range(2):
@@ -135,9 +143,13 @@ def _transpose_w(g, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation
         out = _dilate(g.shape[1 + d], window_strides[d])
         lo = padding[d][0]
         pad.append((lo, (out - lhs) + (window - lo - 1)))
-    lhs_t = jnp.transpose(x, (3, 1, 2, 0))  # [Ci, H, W, B]
-    rhs_t = jnp.transpose(g, (1, 2, 0, 3))  # [H', W', B, Co]
-    dw = _bind(lhs_t, rhs_t, rhs_dilation, pad, lhs_dilation, window_strides, precision)
+    dw = None
+    for start in range(0, max(x_shape[0], 1), DW_BATCH_CHUNK):
+        stop = min(start + DW_BATCH_CHUNK, x_shape[0])
+        lhs_t = jnp.transpose(x[start:stop], (3, 1, 2, 0))  # [Ci, H, W, b]
+        rhs_t = jnp.transpose(g[start:stop], (1, 2, 0, 3))  # [H', W', b, Co]
+        part = _bind(lhs_t, rhs_t, rhs_dilation, pad, lhs_dilation, window_strides, precision)
+        dw = part if dw is None else dw + part
     return jnp.transpose(dw, (1, 2, 0, 3))  # [kh, kw, Ci, Co]
 
 

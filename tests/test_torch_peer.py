@@ -27,7 +27,7 @@ def _random_variables(model, seed):
     1 and 0 would hide a swapped or misplaced tensor), running mean near 0.3 and running
     variance near 1.3 (non-trivial, so eval mode really uses them), dense-head bias near 0."""
     shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3), model.param_dtype),
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3), model.config.param_dtype),
                            train=False)
     )
     rs = np.random.RandomState(seed)

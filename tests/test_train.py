@@ -1,4 +1,4 @@
-"""Tests for resflax.train and resflax.parallel: optimizer recipe, steps, non-finite policy,
+"""Tests for resflax.training and resflax.parallel: optimizer recipe, steps, non-finite policy,
 checkpoint resume (bit-for-bit) and data parallelism over simulated devices."""
 
 import functools
