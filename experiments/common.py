@@ -99,6 +99,14 @@ def command_line_family_switch(config: ml_collections.ConfigDict, flag_name: str
                  "family's defaults except %s", config.model.family, sorted(keep - {"family"}))
 
 
+def check_workdir(workdir: str) -> None:
+    """UserError unless `workdir` is a directory or can be made one."""
+    if not workdir:
+        raise UserError("--workdir is required")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir!r} exists and is not a directory")
+
+
 def run_main(app_name: str, check: Callable[[], Any], run: Callable[[], Any]) -> Any:
     """`check()` then `run()`. A `ValueError` from `check` (the user's config, flags, paths or
     data) becomes one line on stderr, `<app>: error: ...`, and exit status 2; errors in `run`
@@ -195,3 +203,26 @@ class WorkdirLock:
             if self._file is not None:
                 self._file.close()  # Releases the lock.
                 self._file = None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.parse_flags_with_usage`), every error on one line: also
+    ml_collections' tracebacks for an unknown `--config.<path>` or a failing `get_config`."""
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.keys()  # A config that failed to load raises here.
+        return rest
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = f"{lines[0]} {lines[-1]}" if "Traceback" in str(e) else " ".join(lines)
+    except OSError as e:  # An unloadable --config file.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = f"--config: {lines[-1] if lines else e}"
+    except (AttributeError, KeyError) as e:
+        while isinstance(e, (AttributeError, KeyError)) and e.args:  # Unwrap to the text.
+            e = e.args[0]
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        message = f"unknown config field {' '.join(str(e).split())} in {overrides}"
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR_EXIT_CODE)

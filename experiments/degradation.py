@@ -249,6 +249,7 @@ def main(argv):
     common.command_line_family_switch(config)
 
     def check():
+        common.check_workdir(flags.FLAGS.workdir)
         check_config(config)
         run = run_config(config, config.nets[0], config.seeds[0])
         train_app.input_shape(run)
@@ -263,4 +264,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory (runs/, results.json, plots).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

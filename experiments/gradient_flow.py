@@ -311,6 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     (floats as measured, NaN / inf included). ValueError for bad configuration or data."""
     start_utc = reporting.utc_now()
     nets, options = check_config(config)
+    common.check_workdir(workdir)
     inputs, labels, num_classes = load_batch(config)
     for net in nets:
         if net.config.num_classes < num_classes:
@@ -339,23 +340,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return results
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (`app.parse_flags_with_usage`), every error on one line: also
-    ml_collections' tracebacks for an unknown `--config.<path>` or a failing `get_config`."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        message = f"{lines[0]} {lines[-1]}" if "Traceback" in str(e) else " ".join(lines)
-    except (AttributeError, KeyError) as e:
-        while isinstance(e, (AttributeError, KeyError)) and e.args:  # Unwrap to the text.
-            e = e.args[0]
-        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-        message = f"unknown config field {' '.join(str(e).split())} in {overrides}"
-    print(f"FATAL Flags parsing error: {message}", file=sys.stderr, flush=True)
-    sys.exit(common.USAGE_ERROR_EXIT_CODE)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -375,4 +359,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("workdir", None, "Directory for results.json and the plots.")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=common.parse_flags)

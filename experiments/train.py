@@ -124,8 +124,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
                  allow_config_change: bool = False) -> None:
     """Refuses (UserError naming the fields) to resume a checkpoint made with another config,
     unless `allow_config_change`. Reads only the newest readable checkpoint's loop state."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise common.UserError(f"--workdir={workdir!r} exists and is not a directory")
+    common.check_workdir(workdir)
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if allow_config_change or not os.path.isdir(directory):
         return
@@ -559,4 +558,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("allow_config_change", False, "Resume a checkpoint made with another "
                       "config (the differing fields are recorded in summary.json).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -266,6 +266,7 @@ def test_degradation_sweep_writes_results_and_plot(digits_dir, tmp_path):
 
     saved = reporting.read_json(tmp_path / "results.json")
     assert saved == reporting.jsonable(results)
+    assert saved["provenance"]["versions"]["jax"] and saved["provenance"]["argv"]
     assert saved["config"] == reporting.jsonable(config.to_dict())
     assert [(r["net"], r["seed"]) for r in saved["runs"]] == [
         ("plain-4", 0), ("plain-4", 1), ("v1-6", 0), ("v1-6", 1)]
@@ -431,22 +432,37 @@ def test_he2015_config_builds_the_papers_nets():
         ("experiments.train", ["--config=configs/train.py", "--config.model.block=v3"],
          "block='v3'"),
         ("experiments.train", ["--config=configs/train.py", "--config.data.name=mnist",
-                               "--config.data.data_dir={tmp}"], "mnist"),
+                               "--config.data.data_dir={tmp}/tfds"], "mnist"),
         ("experiments.degradation", ["--config=configs/digits_degradation.py",
                                      "--config.model.width=-3"], "width=-3"),
+        ("experiments.train", ["--config=configs/nope.py"], "configs/nope.py"),
+        ("experiments.degradation", ["--config=configs/digits_degradation.py",
+                                     "--config.model.widht=3"], "widht"),
+        ("experiments.train", ["--config=configs/train.py", "--workdir={tmp}/a_file"],
+         "is not a directory"),
+        ("experiments.degradation", ["--config=configs/digits_degradation.py",
+                                     "--workdir={tmp}/a_file"], "is not a directory"),
+        ("experiments.gradient_flow", ["--config=configs/gradient_flow.py:single",
+                                       "--workdir={tmp}/a_file"], "is not a directory"),
+        ("experiments.train", ["--config=configs/train.py", "--config.optim.learning_rate=-1"],
+         "learning_rate=-1"),
     ],
 )
 def test_command_line_user_errors_are_one_line_with_exit_status_2(tmp_path, module, args, field):
     import subprocess
     import sys
 
-    args = [a.replace("{tmp}", str(tmp_path / "tfds")) for a in args]
+    (tmp_path / "a_file").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if not any(a.startswith("--workdir") for a in args):
+        args.append(f"--workdir={tmp_path / 'work'}")
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args, f"--workdir={tmp_path / 'work'}"], cwd=REPO,
+        [sys.executable, "-m", module, *args], cwd=REPO,
         env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == common.USAGE_ERROR_EXIT_CODE == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(module.split(".")[1] + ": error:") and field in last, last
+    assert last.startswith((module.split(".")[1] + ": error:", "FATAL Flags parsing error:"))
+    assert field in last, last
     assert not os.path.exists(tmp_path / "work")  # Nothing written, nothing compiled.

@@ -49,6 +49,8 @@ def test_sweep_writes_results_json_and_plots(tmp_path):
     returned = gradient_flow.run(tiny_config(), workdir)
     results = strict_load(os.path.join(workdir, "results.json"))
     assert results["config"]["batch_size"] == 8
+    prov = results["provenance"]
+    assert prov["versions"]["jax"] and prov["devices"] and prov["start_utc"] <= prov["end_utc"]
     assert [r["name"] for r in results["runs"]] == ["plain", "v2 bn", "cifar v1"]
     for run in results["runs"]:
         assert set(run["model"]) == set(FIELDS)
