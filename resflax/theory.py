@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 from numbers import Real
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -28,13 +28,6 @@ from resflax.config import FIELDS, config_dict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.prepare_digits(path)
-    return str(path)
-
-
 def tiny_config(data_dir, **overrides):
     """A 2-block v1 MLP of width 16 on digits, batch 16, 30 steps."""
     c = train_config.get_config()

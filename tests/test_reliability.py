@@ -16,17 +16,10 @@ import pytest
 from configs import train as train_config
 from experiments import common, reporting
 from experiments import train as app
-from resflax import data, training
+from resflax import training
 from resflax.config import config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.prepare_digits(path)
-    return str(path)
 
 
 # The tiny run, as command-line flags (for subprocesses) and as a config (in process).
