@@ -390,6 +390,52 @@ def chi_1(
     return layer_chi(activation, sigma_w2, min(fixed.q, _Q_DIVERGED), num_points)
 
 
+def critical_sigma_w2(
+    activation: Activation,
+    sigma_b2: float,
+    *,
+    tol: float = 1e-10,
+    max_sigma_w2: float = 1e3,
+    num_points: int = NUM_POINTS,
+) -> float:
+    """The sigma_w2 at which chi_1(activation, sigma_w2, sigma_b2) = 1: the edge of chaos.
+
+    On that critical line gradients neither vanish nor explode through a plain net in mean
+    field (Poole et al. 2016; Schoenholz et al. 2017), and orthogonal weights can add dynamical
+    isometry, every end-to-end singular value near 1 (Pennington et al. 2017; Xiao et al. 2018
+    for delta-orthogonal convolutions). Found by bisection; chi_1 must increase with sigma_w2
+    from below 1 to above 1 on `(0, max_sigma_w2]` (true for tanh, erf and other odd
+    sigmoid-like activations; relu's critical point is sigma_w2 = 2 at every sigma_b2 = 0).
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi.
+      sigma_b2: bias variance, >= 0.
+      tol: absolute tolerance on sigma_w2, > 0.
+      max_sigma_w2: the bracket's upper end, > 0.
+      num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+
+    Returns:
+      sigma_w2 on the critical line, a Python float.
+
+    Raises:
+      ValueError: an argument out of range, or chi_1 does not cross 1 on the bracket.
+    """
+    sigma_b2 = _number(sigma_b2, "sigma_b2")
+    tol = _number(tol, "tol")
+    max_sigma_w2 = _number(max_sigma_w2, "max_sigma_w2")
+    if tol <= 0 or max_sigma_w2 <= 0:
+        raise ValueError(f"tol={tol!r} and max_sigma_w2={max_sigma_w2!r} must be > 0")
+    chi = lambda w2: chi_1(activation, w2, sigma_b2, num_points=num_points)
+    lo, hi = 0.0, max_sigma_w2
+    if not chi(hi) >= 1.0:
+        raise ValueError(f"chi_1 stays below 1 up to sigma_w2={max_sigma_w2!r} for "
+                         f"sigma_b2={sigma_b2!r}: no critical point in the bracket")
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if chi(mid) < 1.0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def depth_scale(chi: float) -> float:
     """xi = -1 / log(chi) (Schoenholz et al. 2017: xi_c at c* = 1, and the gradient scale).
 

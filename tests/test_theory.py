@@ -416,3 +416,22 @@ def test_residual_v2_curves_match_a_wide_random_network(
         measured.append([fwd, grad])
         predicted.append([curves["fwd_sq"], curves["act_grad_sq"]])
     _check(measured, predicted, width)
+
+
+@pytest.mark.parametrize("sigma_b2", [1e-5, 0.05, 0.3])
+def test_critical_sigma_w2_puts_chi_1_at_one(sigma_b2):
+    sigma_w2 = theory.critical_sigma_w2("tanh", sigma_b2)
+    assert theory.chi_1("tanh", sigma_w2, sigma_b2) == pytest.approx(1.0, abs=1e-8)
+    below = theory.chi_1("tanh", sigma_w2 * 0.99, sigma_b2)
+    above = theory.chi_1("tanh", sigma_w2 * 1.01, sigma_b2)
+    assert below < 1.0 < above  # Ordered below the line, chaotic above it.
+
+
+def test_critical_sigma_w2_closed_forms_and_errors():
+    assert theory.critical_sigma_w2("relu", 0.0) == pytest.approx(2.0, abs=1e-8)  # He init.
+    # tanh without bias: q* -> 0 where tanh'(0) = 1, so sigma_w2 -> 1 (approached slowly).
+    assert theory.critical_sigma_w2("tanh", 1e-9) == pytest.approx(1.0, abs=2e-3)
+    with pytest.raises(ValueError, match="no critical point"):
+        theory.critical_sigma_w2("tanh", 0.05, max_sigma_w2=0.5)
+    with pytest.raises(ValueError, match="sigma_b2"):
+        theory.critical_sigma_w2("tanh", -1.0)
