@@ -23,6 +23,7 @@ from experiments import train as app
 import resflax
 from resflax import data, parallel, training
 from experiments import common
+from run_helpers import assert_trees_equal, final_state, records
 from resflax.config import FIELDS, config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,26 +49,6 @@ def tiny_config(data_dir, **overrides):
             target = target[p]
         target[leaf] = value
     return c
-
-
-def records(workdir, drop_perf=True):
-    rs = reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    return [{k: v for k, v in r.items() if not (drop_perf and k.startswith("perf/"))} for r in rs]
-
-
-def final_state(config, workdir):
-    programs = app.build_programs(config)
-    target = programs.init(config.seed, app.input_shape(config))
-    manager = training.make_checkpoint_manager(os.path.join(workdir, app.CHECKPOINT_DIR))
-    state, iterator_state, _ = training.restore_latest(manager, target)
-    manager.close()
-    return jax.tree.map(np.asarray, jax.device_get(state)), iterator_state
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
 
 
 # ------------------------------------------------------------------ end to end

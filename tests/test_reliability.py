@@ -18,6 +18,7 @@ from experiments import common, reporting
 from experiments import train as app
 from resflax import training
 from resflax.config import config_dict
+from run_helpers import assert_trees_equal, final_state, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,22 +56,7 @@ def cli(workdir, digits_dir, *extra, wait=True, **overrides):
 
 
 def final_params(config, workdir):
-    programs = app.build_programs(config)
-    target = programs.init(config.seed, app.input_shape(config))
-    manager = training.make_checkpoint_manager(os.path.join(workdir, app.CHECKPOINT_DIR))
-    state, _, _ = training.restore_latest(manager, target)
-    manager.close()
-    return jax.tree.map(np.asarray, jax.device_get(state.params))
-
-
-def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def records(workdir):
-    rs = reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
+    return final_state(config, workdir)[0].params
 
 
 def comparable(summary):
