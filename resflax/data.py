@@ -26,7 +26,7 @@ import io
 import os
 import tempfile
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from absl import flags
 import grain
@@ -580,6 +580,28 @@ def make_loader(
         shard_options=shard,
         read_options=None if read_threads is None else grain.ReadOptions(num_threads=read_threads),
     )
+
+
+def padded_batches(batches: Iterable[dict[str, np.ndarray]], size: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Each of `batches` zero-padded to `size` examples, with a float32 `'mask'` `[size]`
+    (1 = real example, 0 = padding), so that a short last batch runs through the same compiled
+    eval step as the others (which then averages over `mask != 0` only).
+
+    Args:
+      batches: dicts of arrays with equal leading sizes `n <= size` (`'label'` among them).
+      size: the padded leading size (a process's share of the global eval batch).
+
+    Yields:
+      The batch's arrays, each `[size, ...]`, plus `'mask'`.
+    """
+    for batch in batches:
+        n = len(batch["label"])
+        padded = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+                  for k, v in batch.items()}
+        padded["mask"] = np.zeros(size, np.float32)
+        padded["mask"][:n] = 1.0
+        yield padded
 
 
 # ----------------------------------------------------------------------------- batch replay

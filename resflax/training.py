@@ -10,6 +10,11 @@ Pieces:
   batch sharded over the `('data',)` mesh and the state replicated; the same code for 1 CPU
   and N devices, one or many processes. Batch-norm statistics and the mean loss are over the
   *global* batch.
+- `build_programs(model_config, optim, num_devices)`: all of the above for one model as
+  `Programs`, compiled once and shared by runs; `evaluate(programs, state, batches)`: exact
+  means over masked batches (`data.padded_batches`).
+- `gradient_spread`, `nonfinite_message`: the step-0 gradient-spread warning and the log line of
+  a refused step, for the loop to log.
 - `save_checkpoint` / `restore_latest`: Orbax `CheckpointManager` with items `state`
   (the `TrainState` pytree: step, params, batch_stats, opt_state, rng), `data` (each process's
   input-iterator state, one JSON file per process) and `extra` (JSON), so a resumed run equals
@@ -47,7 +52,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from resflax import checks, parallel
-from resflax.models import block_location, per_block_norms, per_block_sums
+from resflax.models import block_location, build_model, per_block_norms, per_block_sums
 from resflax.layers import lookup
 
 Array = jax.Array
@@ -335,6 +340,30 @@ def make_grad_stats_step(model, mesh: Mesh) -> Callable[[TrainState, Mapping[str
                    out_shardings=rep)
 
 
+def gradient_spread(param_grad_norm, grad_spread_warning: float) -> tuple[float, str | None]:
+    """How far apart the per-block gradient norms are, and a warning when too far (a plain net
+    whose early blocks barely train, or an exploding one).
+
+    Args:
+      param_grad_norm: `[L]` per-block norms `||dL/dtheta_l||_2` (`grad_stats`' output).
+      grad_spread_warning: the largest acceptable `max / min` over the finite, positive norms.
+
+    Returns:
+      `(spread, warning)`: `spread = max / min` over those norms (NaN if there are none), and
+      a one-line warning naming the blocks when `spread` exceeds the limit or is not finite,
+      else None.
+    """
+    norms = np.asarray(param_grad_norm, np.float64)
+    positive = norms[np.isfinite(norms) & (norms > 0)]
+    spread = float(positive.max() / positive.min()) if len(positive) else float("nan")
+    if np.isfinite(spread) and spread <= grad_spread_warning:
+        return spread, None
+    return spread, (f"step 0: per-block gradient norms span {spread:.3g}x (blocks "
+                    f"{int(np.argmax(norms)) + 1} and {int(np.argmin(norms)) + 1}), more than "
+                    f"grad_spread_warning={grad_spread_warning:g}: some blocks "
+                    "will barely train (or blow up)")
+
+
 def _first(flags: Array) -> Array:
     """Index of the first True of a bool vector, -1 if none."""
     return jnp.where(jnp.any(flags), jnp.argmax(flags), -1).astype(jnp.int32)
@@ -413,6 +442,22 @@ def make_nonfinite_report(model, optimizer: Optimizer, mesh: Mesh
         return out
 
     return report
+
+
+def nonfinite_message(report: Mapping[str, Any]) -> str:
+    """One line for a log: `"Non-finite values at step S (loss L): first in F at W[, parameter
+    P]"`.
+
+    Args:
+      report: `make_nonfinite_report`'s dict, with the step's `'loss'` added.
+
+    Returns:
+      The message, without a final period.
+    """
+    where = report["where"] or "-"
+    return (f"Non-finite values at step {report['step']} (loss {report['loss']}): "
+            f"first in {report['first']} at {where}"
+            + (f", parameter {report['param']}" if report["param"] else ""))
 
 
 def _train_step(model, tx, learning_rate_fn, state: TrainState, batch):
@@ -497,6 +542,83 @@ def make_eval_step(model, mesh: Mesh) -> Callable[[TrainState, Mapping[str, Arra
     return jax.jit(
         functools.partial(_eval_step, model), in_shardings=(rep, data), out_shardings=rep
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Programs: every step of one (model, optimizer, mesh), compiled once.
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The model and its jitted programs for one (model, optimizer, mesh). Built once by
+    `build_programs`; a sweep passes the same `Programs` to every run (seed) of an architecture,
+    so each program compiles once."""
+
+    model: Any
+    mesh: Mesh
+    init: Callable[[int, tuple[int, ...]], TrainState]  # (seed, input shape) -> state
+    train_step: Callable
+    eval_step: Callable
+    grad_stats: Callable
+    nonfinite_report: Callable  # (state, batch) -> where the step's non-finite values start
+
+
+def build_programs(model_config, optimizer: Mapping[str, Any],
+                   num_devices: int | None) -> Programs:
+    """Builds the model and makes (lazily compiled) programs for it.
+
+    Args:
+      model_config: a `resflax.ModelConfig`.
+      optimizer: an `optim` config dict (`make_optimizer`).
+      num_devices: devices of the `('data',)` mesh (None: all; `parallel.make_mesh`).
+
+    Returns:
+      `Programs` with `init`, `train_step`, `eval_step`, `grad_stats` and `nonfinite_report`.
+    """
+    model = build_model(model_config)
+    mesh = parallel.make_mesh(num_devices)
+    return Programs(
+        model=model, mesh=mesh, init=make_init(model, optimizer, mesh),
+        train_step=make_train_step(model, optimizer, mesh),
+        eval_step=make_eval_step(model, mesh),
+        grad_stats=make_grad_stats_step(model, mesh),
+        nonfinite_report=make_nonfinite_report(model, optimizer, mesh),
+    )
+
+
+def programs_key(model_config, optimizer: Mapping[str, Any], num_devices: int | None) -> str:
+    """What `build_programs` depends on, as a string: equal keys can share one `Programs`.
+
+    Args:
+      model_config, optimizer, num_devices: as for `build_programs`.
+
+    Returns:
+      Sorted-key JSON of the three.
+    """
+    return json.dumps({"model": model_config.to_dict(), "optim": dict(optimizer),
+                       "num_devices": num_devices}, sort_keys=True)
+
+
+def evaluate(programs: Programs, state: TrainState, batches) -> dict[str, float]:
+    """Mean loss and error of `state` over every real example of `batches`, summed in float64
+    on the host (exact whatever the batch size).
+
+    Args:
+      programs: gives `eval_step` and the mesh.
+      state: a replicated `TrainState`.
+      batches: this process's batches, each with a `'mask'` (`data.padded_batches`), all of one
+        size so that `eval_step` compiles once.
+
+    Returns:
+      `{'loss', 'error'}` means over the examples with `mask != 0` (0.0 if there are none).
+    """
+    totals = np.zeros(3)  # loss sum, error sum, count
+    for batch in batches:
+        m = jax.device_get(programs.eval_step(state, parallel.global_batch(programs.mesh, batch)))
+        totals += [float(m["loss"]) * float(m["count"]), float(m["error"]) * float(m["count"]),
+                   float(m["count"])]
+    count = max(totals[2], 1.0)
+    return {"loss": float(totals[0] / count), "error": float(totals[1] / count)}
 
 
 # --------------------------------------------------------------------------------------------

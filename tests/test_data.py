@@ -327,3 +327,15 @@ def test_resume_from_iterator_state_continues_exactly(digits_dir, process_index,
     resumed = iter(loader())
     resumed.set_state(state)
     _assert_same_batches(_take(resumed, 5), uninterrupted[5:])
+
+
+def test_padded_batches_pad_with_zeros_and_mask_the_padding():
+    batches = [{"image": np.ones((4, 2), np.float32), "label": np.arange(4, dtype=np.int32)},
+               {"image": np.ones((1, 2), np.float32), "label": np.array([9], np.int32)}]
+    full, short = data.padded_batches(batches, 4)
+    np.testing.assert_array_equal(full["mask"], np.ones(4, np.float32))
+    np.testing.assert_array_equal(full["label"], batches[0]["label"])
+    assert short["image"].shape == (4, 2) and short["image"].dtype == np.float32
+    np.testing.assert_array_equal(short["mask"], [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(short["label"], [9, 0, 0, 0])
+    np.testing.assert_array_equal(short["image"][1:], np.zeros((3, 2)))

@@ -309,6 +309,27 @@ def test_nonfinite_leaf_names_the_parameter(mesh):
     assert paths[int(m["nonfinite_leaf"])] == "sqrt_gain"
 
 
+def test_nonfinite_message_names_the_step_where_and_parameter():
+    report = {"step": 7, "loss": float("nan"), "first": "gradients", "block": 2,
+              "where": "stages_0/rest[1]", "param": "stages_0/rest/kernel"}
+    assert training.nonfinite_message(report) == (
+        "Non-finite values at step 7 (loss nan): first in gradients at stages_0/rest[1], "
+        "parameter stages_0/rest/kernel")
+    report.update(first="loss", where=None, param=None)
+    assert training.nonfinite_message(report) == (
+        "Non-finite values at step 7 (loss nan): first in loss at -")
+
+
+def test_gradient_spread_warns_past_the_limit_or_when_not_finite():
+    assert training.gradient_spread([1.0, 0.0, 100.0], 1e3) == (100.0, None)
+    spread, warning = training.gradient_spread([1.0, 0.0, 100.0], 10.0)
+    assert spread == 100.0 and warning.startswith(
+        "step 0: per-block gradient norms span 100x (blocks 3 and 2), more than "
+        "grad_spread_warning=10")
+    spread, warning = training.gradient_spread([0.0, float("nan")], 10.0)
+    assert np.isnan(spread) and "span nanx" in warning
+
+
 def test_grad_norms_by_module():
     grads = {"a": {"x": {"kernel": 3 * jnp.ones((1,)), "bias": 4 * jnp.ones((1,))}},
              "b": {"kernel": jnp.ones((2, 2))}}
