@@ -8,6 +8,9 @@ starts the model from that family's defaults: every other model field not named 
 overrides returns to `None`, so `{"model.family": "cifar_resnet", "model.depth": 56}` is He et
 al.'s ResNet-56, not an MLP preset's width and norm on a conv net.
 
+Resume. `resume_config_changes` compares a checkpoint's config with this run's and refuses a
+changed one (UserError listing the fields) unless the user allows it.
+
 User errors. A bad config, flag, path or dataset raises `ValueError` (or `UserError`) naming
 the field; `run_main` prints it as one line `<app>: error: ...` and exits with status 2 before
 anything is compiled. Other exceptions keep their traceback.
@@ -20,12 +23,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
+from experiments.reporting import jsonable
 from resflax.config import FIELDS, ModelConfig, from_config_dict
 
 USAGE_ERROR_EXIT_CODE = 2
@@ -97,6 +101,60 @@ def command_line_family_switch(config: ml_collections.ConfigDict, flag_name: str
         reset_model_for_family(config, keep)
     logging.info("model.family=%s on the command line: the other model fields are that "
                  "family's defaults except %s", config.model.family, sorted(keep - {"family"}))
+
+
+def require_fields(config: ml_collections.ConfigDict, names: Iterable[str],
+                   config_file: str) -> None:
+    """ValueError naming the first of `names` missing from `config` and the file documenting it.
+
+    Args:
+      config: the app's config.
+      names: top-level fields the app reads.
+      config_file: the config file that documents them, e.g. `configs/train.py`.
+    """
+    for name in names:
+        if name not in config:
+            raise ValueError(f"config.{name} is missing (see {config_file})")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], step: int,
+                          allow_change: bool = False, ignore: Iterable[str] = ()
+                          ) -> dict[str, list[Any]]:
+    """The fields in which the config a checkpoint was made with differs from this run's.
+
+    Args:
+      saved: the checkpoint's config (`ConfigDict.to_dict()` form).
+      current: this run's config, in the same form.
+      step: the checkpoint's step (for the message).
+      allow_change: return the changes instead of refusing them.
+      ignore: dotted fields that may differ freely (they change when or how a run reports).
+
+    Returns:
+      `{dotted field: [saved value, current value]}` (JSON form), sorted by field.
+
+    Raises:
+      UserError: listing the changes, when there are some and not `allow_change`.
+    """
+    old, new = (_flatten(jsonable(c)) for c in (saved, current))
+    changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in ignore}
+    if changes and not allow_change:
+        listed = ", ".join(f"config.{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise UserError(
+            f"the checkpoint at step {step} was made with another config ({listed}); resume "
+            "with the same config, use another --workdir, or pass --allow_config_change to "
+            "resume anyway (recorded in summary.json's config_history)")
+    return changes
 
 
 def check_workdir(workdir: str) -> None:

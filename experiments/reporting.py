@@ -3,6 +3,7 @@
 - `MetricsWriter(workdir)`: each `write(step, metrics)` is one line of `workdir/metrics.jsonl`
   (`{"step": int, name: value, ...}`) and one TensorBoard scalar per value (a list value
   `v` becomes the scalars `name/000`, `name/001`, ...) in an events file in `workdir`.
+- `TrainWindow`: the running sums behind each `train/*` record of a training loop.
 - `Progress`: logs `step / total, steps/s, ETA` through absl logging every `every_secs`.
 - `provenance(start_utc)`: versions, devices, git revision, host, argv, times for results.
 - `write_json`: atomic (write a temporary file, then rename), so a reader never sees half a file.
@@ -12,6 +13,7 @@ Non-finite floats are written as `null` (JSON has no NaN / Infinity).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as std_logging
 import math
@@ -151,6 +153,34 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclasses.dataclass
+class TrainWindow:
+    """Sums of the applied train steps' metrics since the last `train/*` record. A checkpoint
+    keeps it (`dataclasses.asdict`), so a resumed run's next record averages the same steps."""
+
+    steps: int = 0
+    loss: float = 0.0
+    error: float = 0.0
+    grad_norm: float = 0.0
+    learning_rate: float | None = None
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        """Adds one step's `loss`, `error` and `grad_norm`; keeps its `learning_rate`."""
+        self.steps += 1
+        self.loss += float(metrics["loss"])
+        self.error += float(metrics["error"])
+        self.grad_norm += float(metrics["grad_norm"])
+        self.learning_rate = float(metrics["learning_rate"])
+
+    def record(self) -> dict[str, float]:
+        """`train/loss`, `train/error`, `train/accuracy`, `train/grad_norm`: means over the
+        window's steps; `train/learning_rate`: the last step's."""
+        n = max(self.steps, 1)
+        return {"train/loss": self.loss / n, "train/error": self.error / n,
+                "train/accuracy": 1.0 - self.error / n, "train/grad_norm": self.grad_norm / n,
+                "train/learning_rate": self.learning_rate}
 
 
 def format_seconds(seconds: float) -> str:
