@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from experiments import common, plots as plots_lib, reporting
 from experiments import train as train_app
-from resflax import ModelConfig, data
+from resflax import ModelConfig, data, training
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "degradation.png"
@@ -101,9 +101,7 @@ def net_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    for name in SWEEP_FIELDS:
-        if name not in config:
-            raise ValueError(f"config.{name} is missing (see configs/digits_degradation.py)")
+    common.require_fields(config, SWEEP_FIELDS, "configs/digits_degradation.py")
     if not config.nets or not all(isinstance(n, Mapping) for n in config.nets):
         raise ValueError(f"config.nets={config.nets!r} must be a non-empty tuple of dicts of "
                          "dotted overrides like {'model.block': 'plain', 'model.depth': 9}")
@@ -201,7 +199,7 @@ def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     start, start_utc = time.monotonic(), reporting.utc_now()
     os.makedirs(workdir, exist_ok=True)
     cache = data.BatchCache() if config.cache_batches else None
-    programs: dict[str, train_app.Programs] = {}  # One compile per architecture.
+    programs: dict[str, training.Programs] = {}  # One compile per architecture.
     runs = []
     names = net_names(config)
     for net, name in zip(config.nets, names):
@@ -211,7 +209,8 @@ def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             summary = _completed_summary(run_dir, run)
             if summary is None:
                 logging.info("Training %s (%s), seed %d", name, net, seed)
-                key = train_app.programs_key(run)
+                key = training.programs_key(common.model_config(run),
+                                            train_app.optim_config(run), run.num_devices)
                 if key not in programs:
                     programs[key] = train_app.build_programs(run)
                 summary = train_app.train_and_evaluate(run, run_dir, cache=cache,

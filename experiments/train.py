@@ -1,10 +1,10 @@
 """Trains and evaluates one network: the loop around `resflax.training`, with all the I/O.
 
-    python -m experiments.train --config=configs/train.py --workdir=/tmp/train
     python -m experiments.train --config=configs/train.py --workdir=/tmp/train \\
         --config.model.block=plain --config.model.depth=27
 
-`train_and_evaluate(config, workdir)` writes into `workdir`:
+configs/train.py documents every field; `check_config` rejects a bad one, naming it, before
+anything compiles. `train_and_evaluate(config, workdir)` writes into `workdir`:
 
 - `metrics.jsonl` + TensorBoard events (`reporting.MetricsWriter`), one record per line:
   - every `log_every_steps` steps and at the last step, `train/loss`, `train/error`,
@@ -14,9 +14,8 @@
   - every `eval_every_steps` steps and at the last step, `eval/loss`, `eval/error`,
     `eval/accuracy` over the whole `data.eval_split` (running batch-norm statistics);
   - every `grad_norm_every_steps` steps (0: never), at the parameters *before* update `step`
-    and on that update's batch: `param_grad_norm` `[L]`, `||dL/dtheta_l||_2` over all the
-    parameters of block `l = 1..L` (a scanned stage's stacked `[n, ...]` leaves are split per
-    layer), and `grad_norm/<module>` per top-level module (stem, stages, head).
+    and on that update's batch: `param_grad_norm` `[L]`, `||dL/dtheta_l||_2` per block
+    `l = 1..L`, and `grad_norm/<module>` per top-level module (stem, stages, head).
 - `checkpoints/<step>/`: Orbax, every `checkpoint_every_steps` steps and at the end: the
   `TrainState`, each process's data-iterator position, and the loop's own state (the partial
   logging window, the last records), so a restart equals an uninterrupted run bit for bit on
@@ -33,22 +32,17 @@ Statuses:
   does not apply it). The step and the first parameter with a non-finite gradient are logged
   and kept in the summary. No checkpoint is written: the latest one is the last good state.
 
-Config: configs/train.py documents every field. `config.model` holds every
-`resflax.ModelConfig` field (`resflax.config.config_dict`), each a typed command-line override;
-unset ones (None) take the family's defaults, and `--config.model.family=...` starts from that
-family's defaults (`experiments.common`). `check_config` rejects a bad value naming the field
-and what it allows, before anything is compiled.
-
 Restarting with the same `--workdir` resumes from the latest checkpoint (records written after
-it are dropped from `metrics.jsonl` and TensorBoard). The loop syncs with the device once per
-step, to stop at the exact failing step.
+it are dropped from `metrics.jsonl` and TensorBoard); a changed config is refused unless
+`--allow_config_change`. The loop syncs with the device once per step, to stop at the exact
+failing step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
+import dataclasses
 import json
 import os
 import time
@@ -56,26 +50,22 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common, reporting
-from resflax import build_model, checks, data, parallel, training
+from resflax import checks, data, parallel, training
 
 STATUSES = ("completed", "preempted", "stopped_nonfinite")
 ON_NONFINITE = ("stop", "skip_step")
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+# Fields that may differ on a resume without `allow_config_change`: they change when or how the
+# run reports, not what it computes.
+RESUME_FREE_FIELDS = ("stop_at_step", "progress_every_secs")
 
-# ----------------------------------------------------------------------------- configuration
-
-
-def _check_int(config, name: str, minimum: int, optional: bool = False) -> None:
-    value = config[name]
-    if optional and value is None:
-        return
-    checks.integer(f"config.{name}", value, minimum)
+# ----------------------------------------------------------------------------- checks
 
 
 def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -86,37 +76,34 @@ def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return optim
 
 
-# Fields that may differ on a resume without `allow_config_change`: they change when or how the
-# run reports, not what it computes.
-RESUME_FREE_FIELDS = ("stop_at_step", "progress_every_secs")
-CORRUPT_DIR = "checkpoints_corrupt"
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
-                   ) -> dict[str, list[Any]]:
-    """`{dotted field: [saved value, current value]}` for every field that differs (JSON form),
-    ignoring `RESUME_FREE_FIELDS`."""
-    old, new = (_flatten(reporting.jsonable(c)) for c in (saved, current))
-    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in RESUME_FREE_FIELDS}
-
-
-def _refuse_changes(changes: Mapping[str, list[Any]], step: int) -> None:
-    listed = ", ".join(f"config.{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    raise common.UserError(
-        f"the checkpoint at step {step} was made with another config ({listed}); resume with "
-        "the same config, use another --workdir, or pass --allow_config_change to resume anyway "
-        "(recorded in summary.json's config_history)")
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field and what it allows. Reads no data."""
+    common.require_fields(config, ("seed", "data", "model", "optim", "batch_size",
+                                   "num_train_steps", "on_nonfinite", "max_skips",
+                                   "grad_spread_warning"), "configs/train.py")
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
+        raise ValueError(f"config.seed={config.seed!r} must be an integer in [0, 2**31)")
+    common.model_config(config)
+    try:
+        training.make_optimizer(optim_config(config))
+    except ValueError as e:
+        raise ValueError(f"config.{e}" if str(e).startswith("optim.") else f"config.optim: {e}")
+    checks.registered("config.data.augment", config.data.augment, data.AUGMENTATIONS)
+    for name, minimum in (("num_train_steps", 1), ("batch_size", 1), ("eval_batch_size", 1),
+                          ("log_every_steps", 1), ("eval_every_steps", 0),
+                          ("grad_norm_every_steps", 0), ("checkpoint_every_steps", 1),
+                          ("stop_at_step", 0)):
+        if name != "stop_at_step" or config[name] is not None:  # stop_at_step: None = never.
+            checks.integer(f"config.{name}", config[name], minimum)
+    checks.choice("config.on_nonfinite", config.on_nonfinite, ON_NONFINITE)
+    checks.integer("config.max_skips", config.max_skips, 0)
+    checks.number("config.grad_spread_warning", config.grad_spread_warning, 0.0)
+    n = config.num_devices or jax.device_count()
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % n:
+            raise ValueError(
+                f"config.{name}={config[name]} must be a multiple of the number of devices ({n})"
+            )
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str,
@@ -129,88 +116,17 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
         return
     found = training.latest_extra(training.make_checkpoint_manager(directory))
     if found is not None and "config" in found[1]:
-        changes = config_changes(found[1]["config"], config.to_dict())
-        if changes:
-            _refuse_changes(changes, found[0])
+        common.resume_config_changes(found[1]["config"], config.to_dict(), found[0],
+                                     ignore=RESUME_FREE_FIELDS)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad field and what it allows. Reads no data."""
-    for name in ("seed", "data", "model", "optim", "batch_size", "num_train_steps",
-                 "on_nonfinite", "max_skips", "grad_spread_warning"):
-        if name not in config:
-            raise ValueError(f"config.{name} is missing (see configs/train.py)")
-    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
-        raise ValueError(f"config.seed={config.seed!r} must be an integer in [0, 2**31)")
-    common.model_config(config)
-    try:
-        training.make_optimizer(optim_config(config))
-    except ValueError as e:
-        raise ValueError(f"config.{e}" if str(e).startswith("optim.") else f"config.optim: {e}")
-    if config.data.augment not in data.AUGMENTATIONS:
-        raise ValueError(
-            f"config.data.augment={config.data.augment!r} is not supported; allowed "
-            f"values: {sorted(data.AUGMENTATIONS)}"
-        )
-    _check_int(config, "num_train_steps", 1)
-    _check_int(config, "batch_size", 1)
-    _check_int(config, "eval_batch_size", 1)
-    _check_int(config, "log_every_steps", 1)
-    _check_int(config, "eval_every_steps", 0)
-    _check_int(config, "grad_norm_every_steps", 0)
-    _check_int(config, "checkpoint_every_steps", 1)
-    _check_int(config, "stop_at_step", 0, optional=True)
-    checks.choice("config.on_nonfinite", config.on_nonfinite, ON_NONFINITE)
-    _check_int(config, "max_skips", 0)
-    checks.number("config.grad_spread_warning", config.grad_spread_warning, 0.0)
-    n = config.num_devices or jax.device_count()
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % n:
-            raise ValueError(
-                f"config.{name}={config[name]} must be a multiple of the number of devices ({n})"
-            )
+# ----------------------------------------------------------------------------- build
 
 
-# ----------------------------------------------------------------------------- programs
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-    """The model and its jitted programs for one (model, optimizer, mesh). Built once by
-    `build_programs`; a sweep passes the same `Programs` to every run (seed) of an architecture,
-    so each program compiles once."""
-
-    model: Any
-    mesh: Any
-    init: Callable[[int, tuple[int, ...]], training.TrainState]  # (seed, input shape) -> state
-    train_step: Callable
-    eval_step: Callable
-    grad_stats: Callable
-    nonfinite_report: Callable  # (state, batch) -> where the step's non-finite values start
-
-
-def build_programs(config: ml_collections.ConfigDict) -> Programs:
-    """`Programs` for `config.model`, `config.optim` and `config.num_devices`."""
-    model = build_model(common.model_config(config))
-    mesh = parallel.make_mesh(config.num_devices)
-    optim = optim_config(config)
-    return Programs(
-        model=model, mesh=mesh, init=training.make_init(model, optim, mesh),
-        train_step=training.make_train_step(model, optim, mesh),
-        eval_step=training.make_eval_step(model, mesh),
-        grad_stats=training.make_grad_stats_step(model, mesh),
-        nonfinite_report=training.make_nonfinite_report(model, optim, mesh),
-    )
-
-
-def programs_key(config: ml_collections.ConfigDict) -> str:
-    """What `build_programs` depends on, as a string: runs with equal keys share programs."""
-    return json.dumps({"model": common.model_config(config).to_dict(),
-                       "optim": optim_config(config), "num_devices": config.num_devices},
-                      sort_keys=True)
-
-
-# ----------------------------------------------------------------------------- data
+def build_programs(config: ml_collections.ConfigDict) -> training.Programs:
+    """`training.build_programs` for `config.model`, `config.optim` and `config.num_devices`."""
+    return training.build_programs(common.model_config(config), optim_config(config),
+                                   config.num_devices)
 
 
 def _loader(config, split: str, *, train_mode: bool, batch_size: int):
@@ -223,12 +139,18 @@ def _loader(config, split: str, *, train_mode: bool, batch_size: int):
     )
 
 
-def _data_key(config, split: str) -> str:
-    return json.dumps(
-        {"data": config.data.to_dict(), "split": split, "seed": config.seed,
-         "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size},
-        sort_keys=True,
-    )
+def _batches(config, cache: data.BatchCache | None, *, train_mode: bool):
+    """The train split's resumable iterator, or one pass over the eval split, served through
+    `cache` (shared with other runs of the same data stream) when given."""
+    split = config.data.train_split if train_mode else config.data.eval_split
+    batch_size = config.batch_size if train_mode else config.eval_batch_size
+    make = functools.partial(_loader, config, split, train_mode=train_mode, batch_size=batch_size)
+    if cache is None:
+        return iter(make()) if train_mode else make()
+    key = json.dumps({"data": config.data.to_dict(), "split": split, "seed": config.seed,
+                      "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size},
+                     sort_keys=True)
+    return cache.train_iterator(key, make) if train_mode else cache.eval_batches(key, make)
 
 
 def input_shape(config) -> tuple[int, ...]:
@@ -246,44 +168,17 @@ def input_shape(config) -> tuple[int, ...]:
     return (1,) + tuple(shape)
 
 
-def evaluate(programs: Programs, state, config, cache: data.BatchCache | None = None
-             ) -> dict[str, float]:
+def evaluate(programs: training.Programs, state, config,
+             cache: data.BatchCache | None = None) -> dict[str, float]:
     """Mean `loss` and `error` over the whole `data.eval_split` (last batch padded+masked)."""
+    batches = _batches(config, cache, train_mode=False)
     local = config.eval_batch_size // jax.process_count()
-    split = config.data.eval_split
-    make = functools.partial(_loader, config, split, train_mode=False,
-                             batch_size=config.eval_batch_size)
-    batches = make() if cache is None else cache.eval_batches(_data_key(config, split), make)
-    totals = np.zeros(3)  # loss sum, error sum, count (float64 on the host)
-    for batch in batches:
-        n = len(batch["label"])
-        mask = np.zeros(local, np.float32)
-        mask[:n] = 1.0
-        padded = {k: np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)])
-                  for k, v in batch.items()}
-        padded["mask"] = mask
-        m = jax.device_get(programs.eval_step(state, parallel.global_batch(programs.mesh, padded)))
-        totals += [float(m["loss"]) * float(m["count"]), float(m["error"]) * float(m["count"]),
-                   float(m["count"])]
-    count = max(totals[2], 1.0)
-    error = float(totals[1] / count)
-    return {"eval/loss": float(totals[0] / count), "eval/error": error,
-            "eval/accuracy": 1.0 - error}
+    means = training.evaluate(programs, state, data.padded_batches(batches, local))
+    return {"eval/loss": means["loss"], "eval/error": means["error"],
+            "eval/accuracy": 1.0 - means["error"]}
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def _empty_window() -> dict[str, float]:
-    return {"steps": 0, "loss": 0.0, "error": 0.0, "grad_norm": 0.0, "learning_rate": None}
-
-
-def _window_record(window) -> dict[str, float]:
-    n = max(window["steps"], 1)
-    return {"train/loss": window["loss"] / n, "train/error": window["error"] / n,
-            "train/accuracy": 1.0 - window["error"] / n,
-            "train/grad_norm": window["grad_norm"] / n,
-            "train/learning_rate": window["learning_rate"]}
 
 
 def _keep_record(resume_step: int) -> Callable[[Mapping[str, Any]], bool]:
@@ -306,39 +201,40 @@ class _Run:
     """
 
     def __init__(self, config, workdir: str, cache: data.BatchCache | None,
-                 programs: Programs | None, allow_config_change: bool):
+                 programs: training.Programs | None):
         self.config, self.cache, self.start = config, cache, time.monotonic()
         self.start_utc = reporting.utc_now()
-        self.primary = jax.process_index() == 0
+        self.workdir, self.primary = workdir, jax.process_index() == 0
         if self.primary:
             os.makedirs(workdir, exist_ok=True)
         self.programs = programs or build_programs(config)
         self.state = self.programs.init(config.seed, input_shape(config))
-        self.paths = training.param_paths(self.state.params)
-        split = config.data.train_split
-        make = functools.partial(_loader, config, split, train_mode=True,
-                                 batch_size=config.batch_size)
-        self.data = iter(make()) if cache is None else cache.train_iterator(
-            _data_key(config, split), make)
+        self.data = _batches(config, cache, train_mode=True)
         self.manager = training.make_checkpoint_manager(
             os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-            max_to_keep=config.max_checkpoints_to_keep,
-        )
-        self.loop = {"window": _empty_window(), "last_train": None, "last_eval": None,
+            max_to_keep=config.max_checkpoints_to_keep)
+        self.loop = {"window": reporting.TrainWindow(), "last_train": None, "last_eval": None,
                      "wall_s": 0.0, "config": config.to_dict(), "config_history": [],
                      "skipped": [], "warnings": [], "grad_spread_step0": None}
-        restored = training.restore_latest(
-            self.manager, self.state, quarantine=os.path.join(os.path.abspath(workdir),
-                                                              CORRUPT_DIR))
+        self.nonfinite = None
+        self.skipped_in_a_row = 0
+
+    def restore(self, allow_config_change: bool) -> None:
+        """Continues from the latest good checkpoint, if any (refusing a changed config unless
+        `allow_config_change`); opens the metrics, cut back to that step."""
+        config = self.config
+        quarantine = os.path.join(os.path.abspath(self.workdir), CORRUPT_DIR)
+        restored = training.restore_latest(self.manager, self.state, quarantine=quarantine)
         resume = None
         if restored is not None:
             self.state, iterator_state, extra = restored
             resume = int(self.state.step)
-            changes = config_changes(extra.get("config", {}), config.to_dict())
-            if changes and not allow_config_change:
-                _refuse_changes(changes, resume)
+            changes = common.resume_config_changes(
+                extra.get("config", {}), config.to_dict(), resume, allow_config_change,
+                ignore=RESUME_FREE_FIELDS)
             self.data.set_state(iterator_state)
             self.loop.update(extra)
+            self.loop["window"] = reporting.TrainWindow(**extra["window"])
             if changes:
                 logging.warning("Resuming at step %d with a changed config: %s", resume, changes)
                 self.loop["config_history"].append({"step": resume, "changed": changes})
@@ -346,11 +242,8 @@ class _Run:
             logging.info("Resuming from %s at step %d", self.manager.directory, resume)
         self.step = int(self.state.step)
         self.writer = reporting.MetricsWriter(
-            workdir, resume_step=resume, keep=None if resume is None else _keep_record(resume),
-            enabled=self.primary,
-        )
-        self.nonfinite = None
-        self.skipped_in_a_row = 0
+            self.workdir, resume_step=resume,
+            keep=None if resume is None else _keep_record(resume), enabled=self.primary)
         self.window_start = time.monotonic()
 
     def wall_s(self) -> float:
@@ -361,35 +254,37 @@ class _Run:
         # starts from, so a resumed run's metrics have no holes (and `keep` drops the rest).
         self.writer.flush()
         if self.manager.latest_step() != self.step:
-            training.save_checkpoint(self.manager, self.state, self.data.get_state(),
-                                  dict(self.loop, wall_s=self.wall_s()), force=True)
+            loop = dict(self.loop, window=dataclasses.asdict(self.loop["window"]),
+                        wall_s=self.wall_s())
+            training.save_checkpoint(self.manager, self.state, self.data.get_state(), loop,
+                                     force=True)
 
     def train_step(self) -> str:
         """One update (with the gradient record first, when due): 'applied', or for a
         non-finite one (never applied) 'skipped' or 'stopped' (`config.on_nonfinite`)."""
-        config, programs = self.config, self.programs
+        config, programs, loop = self.config, self.programs, self.loop
         batch = parallel.global_batch(programs.mesh, next(self.data))
+        grads_due = _every(self.step, config.grad_norm_every_steps)
         spread_due = self.step == 0 and config.grad_spread_warning > 0
-        if _every(self.step, config.grad_norm_every_steps) or spread_due:
+        if grads_due or spread_due:
             stats = jax.device_get(programs.grad_stats(self.state, batch))
-            if _every(self.step, config.grad_norm_every_steps):
+            if grads_due:
                 self.writer.write(self.step, stats)
             if spread_due:
-                self._check_grad_spread(np.asarray(stats["param_grad_norm"], np.float64))
+                loop["grad_spread_step0"], warning = training.gradient_spread(
+                    stats["param_grad_norm"], config.grad_spread_warning)
+                if warning:
+                    logging.warning(warning)
+                    loop["warnings"].append(warning)
         self.state, metrics = programs.train_step(self.state, batch)
         metrics = jax.device_get(metrics)
-        if not metrics["finite"]:
-            # The step was not applied (`self.state` equals `before`'s values): say where its
-            # non-finite values start, then stop or skip the batch.
-            report = programs.nonfinite_report(self.state, batch)
-            report["loss"] = float(metrics["loss"])
-            where = report["where"] or "-"
-            message = (f"Non-finite values at step {report['step']} (loss {report['loss']}): "
-                       f"first in {report['first']} at {where}"
-                       + (f", parameter {report['param']}" if report["param"] else ""))
+        if not metrics["finite"]:  # Not applied: `self.state` is the state before the step.
+            report = dict(programs.nonfinite_report(self.state, batch),
+                          loss=float(metrics["loss"]))
+            message = training.nonfinite_message(report)
             if config.on_nonfinite == "skip_step" and self.skipped_in_a_row < config.max_skips:
                 self.skipped_in_a_row += 1
-                self.loop["skipped"].append(report)
+                loop["skipped"].append(report)
                 logging.warning("%s. Skipping this batch (on_nonfinite='skip_step', %d in a "
                                 "row).", message, self.skipped_in_a_row)
                 return "skipped"
@@ -398,39 +293,21 @@ class _Run:
             return "stopped"
         self.skipped_in_a_row = 0
         self.step += 1
-        window = self.loop["window"]
-        window["steps"] += 1
-        for name in ("loss", "error", "grad_norm"):
-            window[name] += float(metrics[name])
-        window["learning_rate"] = float(metrics["learning_rate"])
+        loop["window"].add(metrics)
         return "applied"
-
-    def _check_grad_spread(self, norms: np.ndarray) -> None:
-        """Warns when the step-0 per-block gradient norms span more than the configured factor
-        (a plain net whose early blocks barely train, or an exploding one)."""
-        positive = norms[np.isfinite(norms) & (norms > 0)]
-        spread = float(positive.max() / positive.min()) if len(positive) else float("nan")
-        self.loop["grad_spread_step0"] = spread
-        if not np.isfinite(spread) or spread > self.config.grad_spread_warning:
-            warning = (f"step 0: per-block gradient norms span {spread:.3g}x (blocks "
-                       f"{int(np.argmax(norms)) + 1} and {int(np.argmin(norms)) + 1}), more than "
-                       f"grad_spread_warning={self.config.grad_spread_warning:g}: some blocks "
-                       "will barely train (or blow up)")
-            logging.warning(warning)
-            self.loop["warnings"].append(warning)
 
     def after_step(self) -> None:
         """Records, evaluation and checkpoints due at `self.step`."""
         config, step, loop = self.config, self.step, self.loop
         last = step == config.num_train_steps
         if _every(step, config.log_every_steps) or last:
-            record = _window_record(loop["window"])
+            record = loop["window"].record()
             now = time.monotonic()
-            record["perf/steps_per_sec"] = loop["window"]["steps"] / max(
-                now - self.window_start, 1e-9)
+            record["perf/steps_per_sec"] = loop["window"].steps / max(now - self.window_start,
+                                                                      1e-9)
             self.window_start = now
             self.writer.write(step, record)
-            loop["last_train"], loop["window"] = record, _empty_window()
+            loop["last_train"], loop["window"] = record, reporting.TrainWindow()
         if _every(step, config.eval_every_steps) or last:
             loop["last_eval"] = evaluate(self.programs, self.state, config, self.cache)
             self.writer.write(step, loop["last_eval"])
@@ -466,8 +343,8 @@ class _Run:
 
     def summary(self, status: str) -> dict[str, Any]:
         loop = self.loop
-        last_train = _window_record(loop["window"]) if loop["window"]["steps"] else (
-            loop["last_train"] or {})
+        window = loop["window"]
+        last_train = window.record() if window.steps else (loop["last_train"] or {})
         last_eval = loop["last_eval"] or {}
         summary = {
             "status": status,
@@ -492,7 +369,7 @@ class _Run:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        cache: data.BatchCache | None = None,
-                       programs: Programs | None = None,
+                       programs: training.Programs | None = None,
                        allow_config_change: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
 
@@ -505,7 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:  # Other processes of a multi-host run share the workdir.
             stack.enter_context(common.WorkdirLock(workdir))
-        run = _Run(config, workdir, cache, programs, allow_config_change)
+        run = _Run(config, workdir, cache, programs)
+        run.restore(allow_config_change)
         status = run.run()
         summary = run.summary(status)
         if run.primary:
