@@ -394,55 +394,52 @@ def _slq(jvp_fn, vjp_fn, v0: Array, key, steps: int) -> tuple[Array, Array]:
     `B_k`, and the Gauss quadrature weights `tau_i^2` are the squared first components of `B_k`'s
     right singular vectors, so `sum_i tau_i^2 theta_i^p = v0^T A^p v0` exactly for
     `p <= 2 steps - 1`. The singular values `s_i` are read off `B_k` directly (never squared).
-    A breakdown (a new Lanczos vector of norm `<= eps * ||B||`: the Krylov space is invariant)
-    restarts with a random vector orthogonal to the basis and a zero coupling, so every Ritz
-    value stays an eigenvalue of a Rayleigh-Ritz projection of `A` (and the restarted block
-    gets weight 0). `steps` must not exceed either dimension.
+    A breakdown (a new Lanczos vector numerically in the span of the basis: the Krylov space is
+    invariant) restarts with a random vector orthogonal to the basis and a zero coupling, so
+    every Ritz value stays an eigenvalue of a Rayleigh-Ritz projection of `A` (and the
+    restarted block gets weight 0). `steps` must not exceed either dimension.
 
     Returns `(nodes [B, steps], weights [B, steps])`: `s_i` (descending) and `tau_i^2` (summing
     to 1 per example).
     """
     dtype, batch = v0.dtype, v0.shape[0]
-    eps = jnp.finfo(dtype).eps
     out_shape = jax.eval_shape(jvp_fn, v0).shape
     highest = jax.lax.Precision.HIGHEST  # No TF32 in the Gram-Schmidt projections.
 
-    def finish(w, basis, scale, key):
+    def finish(w, basis, key):
         """`(unit w, ||w||)` with `w` orthogonalized against `basis` `[steps, B, n]` (unfilled
-        rows 0); a random unit vector orthogonal to it and 0 on a breakdown (`scale`: the
-        largest coefficient so far, ~ ||B||)."""
-        def orthogonalize(z):
-            z = z.reshape(batch, -1)
-            for _ in range(2):  # "Twice is enough" (Giraud et al. 2005).
-                c = jnp.einsum("kbn,bn->kb", basis, z, precision=highest)
-                z = z - jnp.einsum("kb,kbn->bn", c, basis, precision=highest)
-            return z.reshape(w.shape)
+        rows 0) by classical Gram-Schmidt twice; where the second pass still cancels (norm
+        down by more than sqrt 2: `w` is numerically in the span, Kahan-Parlett's "twice is
+        enough" test), a breakdown: a random unit vector orthogonal to `basis`, and 0."""
+        def project_out(z):
+            c = jnp.einsum("kbn,bn->kb", basis, z, precision=highest)
+            return z - jnp.einsum("kb,kbn->bn", c, basis, precision=highest)
 
-        w = orthogonalize(w)
-        n = _norms(w)
-        fresh, _ = _unit(orthogonalize(jax.random.normal(key, w.shape, dtype)))
-        broke = n <= eps * jnp.maximum(scale, n)
-        return (jnp.where(_per_example(broke, w), fresh, _normalize(w, n)),
-                jnp.where(broke, 0, n).astype(dtype))
+        shape = w.shape
+        once = project_out(w.reshape(batch, -1))
+        twice = project_out(once)
+        n = _norms(twice)
+        broke = n <= _norms(once) / math.sqrt(2)
+        fresh = project_out(project_out(jax.random.normal(key, once.shape, dtype)))
+        w = jnp.where(broke[:, None], _unit(fresh)[0], _normalize(twice, n))
+        return w.reshape(shape), jnp.where(broke, 0, n).astype(dtype)
 
     def step(j, state):
-        v, u_prev, vs, us, alpha, beta, scale = state
+        v, u_prev, vs, us, alpha, beta = state
         ku, kv = jax.random.split(jax.random.fold_in(key, j))
         beta_prev = jnp.where(j > 0, beta[:, jnp.maximum(j - 1, 0)], 0)
         v_next, u, a, b = _gkl_step(
             jvp_fn, vjp_fn, v, u_prev, beta_prev,
-            finish_u=lambda z: finish(z, us, scale, ku),
-            finish_v=lambda z: finish(z, vs, scale, kv))
+            finish_u=lambda z: finish(z, us, ku), finish_v=lambda z: finish(z, vs, kv))
         return (v_next, u, vs.at[j + 1].set(v_next.reshape(batch, -1), mode="drop"),
                 us.at[j].set(u.reshape(batch, -1)), alpha.at[:, j].set(a),
-                beta.at[:, j].set(b), jnp.maximum(scale, jnp.maximum(a, b)))
+                beta.at[:, j].set(b))
 
     vs = jnp.zeros((steps, batch, v0[0].size), dtype).at[0].set(v0.reshape(batch, -1))
     us = jnp.zeros((steps, batch, math.prod(out_shape[1:])), dtype)
     coefficients = jnp.zeros((batch, steps), dtype)
-    init = (v0, jnp.zeros(out_shape, dtype), vs, us, coefficients, coefficients,
-            jnp.zeros((batch,), dtype))
-    *_, alpha, beta, _ = jax.lax.fori_loop(0, steps, step, init)
+    init = (v0, jnp.zeros(out_shape, dtype), vs, us, coefficients, coefficients)
+    *_, alpha, beta = jax.lax.fori_loop(0, steps, step, init)
     # B_k: diagonal alpha, superdiagonal beta_1..beta_{k-1}; scaled to entries <= 1 for the SVD.
     bidiagonal = jax.vmap(jnp.diag)(alpha) + jax.vmap(lambda b: jnp.diag(b[:-1], 1))(beta)
     scale = jnp.maximum(jnp.max(jnp.abs(bidiagonal), axis=(1, 2)), jnp.finfo(dtype).tiny)
