@@ -145,3 +145,75 @@ def degradation(runs: list[dict], table: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+def _log_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Gaussian kernel estimate, in log10(sigma), of the weighted nodes (positive ones only);
+    Silverman's bandwidth of the weighted sample, at least 0.01 decades."""
+    t = np.log10(nodes)
+    w = weights / np.sum(weights)
+    mean = np.sum(w * t)
+    std = np.sqrt(np.sum(w * (t - mean) ** 2))
+    n_eff = 1.0 / np.sum(w**2)  # Kish's effective sample size.
+    h = max(1.06 * std * n_eff ** -0.2, 0.01)
+    z = (grid[:, None] - t[None, :]) / h
+    return np.exp(-0.5 * z**2) @ w / (h * np.sqrt(2 * np.pi))
+
+
+def singular_value_density(path: str, nodes, weights, labels, theory_mean_sq=None,
+                           theory_values=None,
+                           title: str = "End-to-end Jacobian singular values (SLQ)") -> None:
+    """Writes a PNG: the density of each net's end-to-end singular values `sigma` (per decade,
+    log-x), a kernel estimate of its SLQ nodes weighted by `tau^2` and pooled over examples
+    (Pennington et al. 2017, Fig. 1's dynamical-isometry picture). Theory, where given, in the
+    net's colour: a dotted line at `sqrt(E sigma^2)` from a predicted mean squared singular value
+    (`theory.e2e_jacobian_mean_sq_singular_value`), a dashed one at a value every singular value
+    takes (`gain^depth` for a linear orthogonal net); a marker at the measured `sqrt(E sigma^2)`.
+
+    Args:
+      nodes, weights: one `[B, m]` array each per net (`e2e_slq_nodes`, `e2e_slq_weights`).
+      labels: one name per net.
+      theory_mean_sq, theory_values: one float or None per net (None: nothing drawn).
+    """
+    n = len(labels)
+    theory_mean_sq = [None] * n if theory_mean_sq is None else list(theory_mean_sq)
+    theory_values = [None] * n if theory_values is None else list(theory_values)
+    nets = [(np.asarray(s, np.float64).ravel(), np.asarray(w, np.float64).ravel())
+            for s, w in zip(nodes, weights)]
+    positive = [s[(s > 0) & np.isfinite(s)] for s, _ in nets]
+    allpos = np.concatenate(positive + [np.array([1.0])])
+    lo, hi = np.log10(allpos.min()) - 0.5, np.log10(allpos.max()) + 0.5
+    grid = np.linspace(lo, hi, 600)
+    palette = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, ((s, w), label) in enumerate(zip(nets, labels)):
+        color = palette[i % len(palette)]
+        keep = (s > 0) & np.isfinite(s) & (w > 0)
+        total = np.sum(w)
+        at_zero = 1.0 - np.sum(w[keep]) / total if total > 0 else 0.0
+        name = label + (f" ({100 * at_zero:.0f}% of the weight at 0)" if at_zero > 0.005 else "")
+        if keep.any():
+            ax.plot(10**grid, _log_density(s[keep], w[keep], grid), color=color, lw=1.8,
+                    label=name)
+            rms = np.sqrt(np.sum(w * s**2) / total)
+            ax.plot([rms], [0], marker="^", color=color, ms=9, clip_on=False)
+        if theory_mean_sq[i] is not None and theory_mean_sq[i] > 0:
+            ax.axvline(np.sqrt(theory_mean_sq[i]), color=color, ls=":", lw=1.5)
+        if theory_values[i] is not None and theory_values[i] > 0:
+            ax.axvline(theory_values[i], color=color, ls="--", lw=1.5)
+    ax.plot([], [], color="gray", ls=":", label="theory: sqrt(E sigma^2)")
+    ax.plot([], [], color="gray", ls="--", label="theory: every sigma")
+    ax.plot([], [], color="gray", ls="", marker="^", label="measured sqrt(E sigma^2)")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("singular value sigma of dx_L/dx_0 (log)")
+    ax.set_ylabel("density per decade (tau^2-weighted, pooled over examples)")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,6 +14,8 @@ Notation (docs/design.md, Diagnostics): `x_0 = stem(input)`, `x_l = block_l(x_{l
 | `jac_spectral` | `mean_i sigma_max(J_l^(i))` | L |
 | `e2e_jac_fro_sq`, `e2e_jac_spectral` | the same for `J = dx_L/dx_0` | 1 |
 | `e2e_singular_values` | all singular values of each example's `dx_L/dx_0` (small dims) | [B, k] |
+| `e2e_slq_nodes`, `e2e_slq_weights` | SLQ of each example's singular values of `dx_L/dx_0` (any dims; `e2e_spectrum`): nodes `s_i = sqrt(theta_i)`, weights `tau_i^2` | [B, m] |
+| `e2e_slq_sigma_max`, `e2e_slq_sigma_min` | the largest and smallest nodes: `sigma_max`, `sigma_min` bracketed from inside | [B] |
 
 How each is computed:
 - `act_grad_sq` adds zero *perturbations* to every `x_l` inside the network and differentiates
@@ -36,6 +38,14 @@ How each is computed:
   after `power_iterations` steps or when every example's estimate changes by less than `power_tol`
   (relative); `jac_spectral_rel_change` and `jac_spectral_iterations` report convergence. The
   estimate (the largest singular value of the bidiagonal) never exceeds the true `sigma_max`.
+- Singular-value spectra (`e2e_spectrum`): stochastic Lanczos quadrature (Lin, Saad & Yang
+  2016; Ghorbani et al. 2019): `slq_steps = m` Golub-Kahan-Lanczos steps (the spectral-norm
+  step) with full reorthogonalization, from one Rademacher start vector per example, on the
+  Gram matrix of the smaller side (`J^T J`, or `J J^T` when `dim(x_L) < dim(x_0)`). The Ritz
+  values `theta_i` (squared singular values of the bidiagonal) and weights `tau_i^2` give
+  `sum_i tau_i^2 f(theta_i) ~ tr f(J^T J) / n`: exact in `v` for polynomials of degree
+  `< 2m`, Hutchinson's error in `v` (std `<= sqrt(2 / n) * rms f(theta)` for Rademacher `v`).
+  With `m = n` the nodes are every singular value.
 - Blocks of a scanned segment go through `jax.lax.map` over the stacked layer axis (memory of one
   block at a time, `layer_batch` blocks in parallel); everything is one jitted program per model.
 """
@@ -78,6 +88,10 @@ class Options:
       singular_values_max_dim: `e2e_singular_values` only when `dim(x_0), dim(x_L)` are at most
         this (a dense per-example Jacobian and an SVD).
       layer_batch: blocks of a scanned segment processed in parallel by the Jacobian maps.
+      e2e_spectrum: also estimate each example's end-to-end singular-value distribution by
+        stochastic Lanczos quadrature (`e2e_slq_*`), at any dimension.
+      slq_steps: Lanczos steps of that estimate (each one jvp + one vjp, and a reorthogonalization
+        against the stored bases: memory `2 * slq_steps` vectors per example).
     """
 
     train: bool = True
@@ -90,13 +104,16 @@ class Options:
     power_tol: float = 1e-4
     singular_values_max_dim: int = 256
     layer_batch: int = 1
+    e2e_spectrum: bool = False
+    slq_steps: int = 32
 
     def __post_init__(self):
         checks.choice("fro_method", self.fro_method, FRO_METHODS)
-        for name in ("exact_max_dim", "num_probes", "power_iterations", "layer_batch"):
+        for name in ("exact_max_dim", "num_probes", "power_iterations", "layer_batch",
+                     "slq_steps"):
             checks.integer(name, getattr(self, name), 1)
         checks.number("power_tol", self.power_tol, 0.0)
-        for name in ("train", "jacobians", "end_to_end"):
+        for name in ("train", "jacobians", "end_to_end", "e2e_spectrum"):
             checks.boolean(name, getattr(self, name))
 
 
@@ -268,6 +285,39 @@ def _fro_sq(jvp_fn: Callable[[Array], Array], x: Array, key, options: Options):
     return mean, stderr_sq, False
 
 
+def _per_example(n: Array, v: Array) -> Array:
+    """`[B]` -> `[B, 1, ..., 1]`, to scale each example of `v`."""
+    return n.reshape((-1,) + (1,) * (v.ndim - 1))
+
+
+def _norms(v: Array) -> Array:
+    """`[B]`: `||v^(i)||`, scaled by `max |v^(i)|` first, so that it neither overflows nor
+    underflows where the norm itself is representable (sigma_max can be 1e20 in exploding nets)."""
+    tiny = jnp.finfo(v.dtype).tiny
+    scale = jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
+    return scale * jnp.sqrt(_sq_norm(v / _per_example(jnp.maximum(scale, tiny), v), 1))
+
+
+def _normalize(v: Array, n: Array) -> Array:
+    return v / _per_example(jnp.maximum(n, jnp.finfo(v.dtype).tiny), v)
+
+
+def _unit(v: Array) -> tuple[Array, Array]:
+    """`(v / ||v||, ||v||)` per example."""
+    n = _norms(v)
+    return _normalize(v, n), n
+
+
+def _gkl_step(jvp_fn, vjp_fn, v, u_prev, beta_prev, finish_u=_unit, finish_v=_unit):
+    """One Golub-Kahan-Lanczos step, per example (one jvp, one vjp):
+        alpha_j u_j = J v_j - beta_{j-1} u_{j-1},   beta_j v_{j+1} = J^T u_j - alpha_j v_j.
+    `finish_u`, `finish_v` turn the raw vector into `(unit vector, norm)` (`_unit`; SLQ's
+    reorthogonalize first). Returns `(v_{j+1}, u_j, alpha_j, beta_j)`."""
+    u, a = finish_u(jvp_fn(v) - _per_example(beta_prev, u_prev) * u_prev)
+    w, b = finish_v(vjp_fn(u) - _per_example(a, v) * v)
+    return w, u, a, b
+
+
 def _spectral(jvp_fn, vjp_fn, x: Array, key, options: Options):
     """Per-example `sigma_max(J^(i))` by Golub-Kahan-Lanczos bidiagonalization, from the tangent
     map `jvp_fn(v) = J v` and its transpose `vjp_fn(u) = J^T u` at `x`.
@@ -292,18 +342,6 @@ def _spectral(jvp_fn, vjp_fn, x: Array, key, options: Options):
     out_shape = jax.eval_shape(jvp_fn, x).shape
     steps = max(1, min(options.power_iterations, x[0].size, math.prod(out_shape[1:])))
 
-    def per_example(n, v):
-        return n.reshape((-1,) + (1,) * (v.ndim - 1))
-
-    def norms(v):
-        # ||v^(i)|| scaled by max |v^(i)| first, so that it neither overflows nor underflows
-        # where the norm itself is representable (sigma_max can be 1e20 in exploding nets).
-        scale = jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=1)
-        return scale * jnp.sqrt(_sq_norm(v / per_example(jnp.maximum(scale, tiny), v), 1))
-
-    def normalize(v, n):
-        return v / per_example(jnp.maximum(n, tiny), v)
-
     def sigma_max(alpha, beta):
         """sigma_max of each example's bidiagonal B (unfilled entries 0), as the square root of
         the top eigenvalue of the tridiagonal B^T B (diagonal alpha_j^2 + beta_{j-1}^2,
@@ -319,12 +357,8 @@ def _spectral(jvp_fn, vjp_fn, x: Array, key, options: Options):
     def step(state):
         v, u_prev, alpha, beta, j = state
         beta_prev = jnp.where(j > 0, beta[:, jnp.maximum(j - 1, 0)], 0)
-        u = jvp_fn(v) - per_example(beta_prev, u_prev) * u_prev
-        a = norms(u)
-        u = normalize(u, a)
-        w = vjp_fn(u) - per_example(a, v) * v
-        b = norms(w)
-        return normalize(w, b), u, alpha.at[:, j].set(a), beta.at[:, j].set(b), j + 1
+        v, u, a, b = _gkl_step(jvp_fn, vjp_fn, v, u_prev, beta_prev)
+        return v, u, alpha.at[:, j].set(a), beta.at[:, j].set(b), j + 1
 
     def steps_then_check(state):
         # CHECK_EVERY steps (fewer at the end), then the estimate and its relative change. A
@@ -344,10 +378,105 @@ def _spectral(jvp_fn, vjp_fn, x: Array, key, options: Options):
 
     v0 = jax.random.normal(key, x.shape, x.dtype)
     coefficients = jnp.zeros((batch, steps), x.dtype)
-    init = (normalize(v0, norms(v0)), jnp.zeros(out_shape, x.dtype), coefficients, coefficients,
+    init = (_normalize(v0, _norms(v0)), jnp.zeros(out_shape, x.dtype), coefficients, coefficients,
             jnp.zeros((batch,), x.dtype), jnp.array(jnp.inf, x.dtype), jnp.array(0))
     *_, sigma, change, iterations = jax.lax.while_loop(not_done, steps_then_check, init)
     return sigma, change, iterations
+
+
+def _slq(jvp_fn, vjp_fn, v0: Array, key, steps: int) -> tuple[Array, Array]:
+    """Stochastic Lanczos quadrature of each example's `A = J^T J` from unit start vectors `v0`
+    (one per example), by `steps` Golub-Kahan-Lanczos steps (`_gkl_step`, as `_spectral`) with
+    full reorthogonalization of both Lanczos bases (classical Gram-Schmidt twice).
+
+    `J V_k = U_k B_k` gives `V_k^T A V_k = B_k^T B_k = T_k`, the Lanczos tridiagonal of `A` from
+    `v0`: its eigenvalues (Ritz values) are `theta_i = s_i^2` with `s_i` the singular values of
+    `B_k`, and the Gauss quadrature weights `tau_i^2` are the squared first components of `B_k`'s
+    right singular vectors, so `sum_i tau_i^2 theta_i^p = v0^T A^p v0` exactly for
+    `p <= 2 steps - 1`. The singular values `s_i` are read off `B_k` directly (never squared).
+    A breakdown (a new Lanczos vector numerically in the span of the basis: the Krylov space is
+    invariant) restarts with a random vector orthogonal to the basis and a zero coupling, so
+    every Ritz value stays an eigenvalue of a Rayleigh-Ritz projection of `A` (and the
+    restarted block gets weight 0). `steps` must not exceed either dimension.
+
+    Returns `(nodes [B, steps], weights [B, steps])`: `s_i` (descending) and `tau_i^2` (summing
+    to 1 per example).
+    """
+    dtype, batch = v0.dtype, v0.shape[0]
+    out_shape = jax.eval_shape(jvp_fn, v0).shape
+    highest = jax.lax.Precision.HIGHEST  # No TF32 in the Gram-Schmidt projections.
+
+    def finish(w, basis, key):
+        """`(unit w, ||w||)` with `w` orthogonalized against `basis` `[steps, B, n]` (unfilled
+        rows 0) by classical Gram-Schmidt twice; where the second pass still cancels (norm
+        down by more than sqrt 2: `w` is numerically in the span, Kahan-Parlett's "twice is
+        enough" test), a breakdown: a random unit vector orthogonal to `basis`, and 0."""
+        def project_out(z):
+            c = jnp.einsum("kbn,bn->kb", basis, z, precision=highest)
+            return z - jnp.einsum("kb,kbn->bn", c, basis, precision=highest)
+
+        shape = w.shape
+        once = project_out(w.reshape(batch, -1))
+        twice = project_out(once)
+        n = _norms(twice)
+        broke = n <= _norms(once) / math.sqrt(2)
+        fresh = project_out(project_out(jax.random.normal(key, once.shape, dtype)))
+        w = jnp.where(broke[:, None], _unit(fresh)[0], _normalize(twice, n))
+        return w.reshape(shape), jnp.where(broke, 0, n).astype(dtype)
+
+    def step(j, state):
+        v, u_prev, vs, us, alpha, beta = state
+        ku, kv = jax.random.split(jax.random.fold_in(key, j))
+        beta_prev = jnp.where(j > 0, beta[:, jnp.maximum(j - 1, 0)], 0)
+        v_next, u, a, b = _gkl_step(
+            jvp_fn, vjp_fn, v, u_prev, beta_prev,
+            finish_u=lambda z: finish(z, us, ku), finish_v=lambda z: finish(z, vs, kv))
+        return (v_next, u, vs.at[j + 1].set(v_next.reshape(batch, -1), mode="drop"),
+                us.at[j].set(u.reshape(batch, -1)), alpha.at[:, j].set(a),
+                beta.at[:, j].set(b))
+
+    vs = jnp.zeros((steps, batch, v0[0].size), dtype).at[0].set(v0.reshape(batch, -1))
+    us = jnp.zeros((steps, batch, math.prod(out_shape[1:])), dtype)
+    coefficients = jnp.zeros((batch, steps), dtype)
+    init = (v0, jnp.zeros(out_shape, dtype), vs, us, coefficients, coefficients)
+    *_, alpha, beta = jax.lax.fori_loop(0, steps, step, init)
+    # B_k: diagonal alpha, superdiagonal beta_1..beta_{k-1}; scaled to entries <= 1 for the SVD.
+    bidiagonal = jax.vmap(jnp.diag)(alpha) + jax.vmap(lambda b: jnp.diag(b[:-1], 1))(beta)
+    scale = jnp.maximum(jnp.max(jnp.abs(bidiagonal), axis=(1, 2)), jnp.finfo(dtype).tiny)
+    _, s, vh = jnp.linalg.svd(bidiagonal / scale[:, None, None])
+    return s * scale[:, None], jnp.square(vh[:, :, 0])
+
+
+def _slq_spectrum(jvp_fn, vjp_fn, x: Array, key, steps: int) -> tuple[Array, Array]:
+    """`(nodes [B, k], weights [B, k])`: SLQ (`_slq`) of the singular values of each example's
+    `J` (tangent map `jvp_fn`, transpose `vjp_fn`, at `x`), `k = min(steps, dim in, dim out)`.
+
+    Lanczos runs on the Gram matrix of the smaller side, `J^T J` (start vector in the input
+    space) or `J J^T` when `dim out < dim in`: the same nonzero eigenvalues, and the density is
+    of the `min(dim in, dim out)` singular values of `J`, as `e2e_singular_values`, without the
+    `|dim in - dim out|` structural zeros. The start vector is Rademacher / sqrt(n), so
+    `sum_i tau_i^2 f(s_i^2)` is Hutchinson's estimate of `tr f(Gram) / n`. The Lanczos vectors
+    are float32 at least (bfloat16 models), float64 when the model is.
+    """
+    work = jnp.promote_types(x.dtype, jnp.float32)
+    out = jax.eval_shape(jvp_fn, x)
+    dim_in, dim_out = x[0].size, math.prod(out.shape[1:])
+    forward = lambda v: jvp_fn(v.astype(x.dtype)).astype(work)
+    backward = lambda u: vjp_fn(u.astype(out.dtype)).astype(work)
+    shape = x.shape
+    if dim_out < dim_in:
+        forward, backward, shape = backward, forward, out.shape
+    kv, kl = jax.random.split(key)
+    v0 = _rademacher(kv, shape, work) / math.sqrt(min(dim_in, dim_out))
+    return _slq(forward, backward, v0, kl, max(1, min(steps, dim_in, dim_out)))
+
+
+def jacobian_spectrum(f: Callable[[Array], Array], x: Array, key, steps: int) -> dict[str, Array]:
+    """SLQ estimate of the singular-value distribution of each example's Jacobian of a batch map
+    `f` (block-diagonal Jacobian) at `x`: `nodes`, `weights` `[B, k]` (`_slq_spectrum`)."""
+    jvp_fn, vjp_fn = _linear_maps(f, x)
+    nodes, weights = _slq_spectrum(jvp_fn, vjp_fn, x, key, steps)
+    return dict(nodes=nodes, weights=weights)
 
 
 def block_jacobian_statistics(
@@ -416,7 +545,8 @@ def end_to_end_jacobian_statistics(
     model: Network, variables: Mapping, x0: Array, key, options: Options = Options()
 ) -> dict[str, Any]:
     """`e2e_jac_fro_sq`, `e2e_jac_spectral` of `dx_L/dx_0`, and `e2e_singular_values` `[B, k]`
-    (None unless `dim(x_0)` and `dim(x_L)` are at most `singular_values_max_dim`)."""
+    (None unless `dim(x_0)` and `dim(x_L)` are at most `singular_values_max_dim`); with
+    `options.e2e_spectrum`, the SLQ spectrum `e2e_slq_*` (`_slq_spectrum`) at any dimension."""
     frozen = model.clone(freeze_norm_stats=True)
 
     def body(z):
@@ -444,7 +574,14 @@ def end_to_end_jacobian_statistics(
     else:
         fro_sq, se_sq, exact = _fro_sq(jvp_fn, x0, kf, options)
     sigma, change, iterations = _spectral(jvp_fn, vjp_fn, x0, ks, options)
+    spectrum = {}
+    if options.e2e_spectrum:
+        nodes, weights = _slq_spectrum(
+            jvp_fn, vjp_fn, x0, jax.random.fold_in(key, 2), options.slq_steps)
+        spectrum = dict(e2e_slq_nodes=nodes, e2e_slq_weights=weights,
+                        e2e_slq_sigma_max=nodes[:, 0], e2e_slq_sigma_min=nodes[:, -1])
     return dict(
+        **spectrum,
         e2e_jac_fro_sq=jnp.mean(fro_sq) / dim_in,
         e2e_jac_fro_sq_stderr=jnp.sqrt(jnp.sum(se_sq)) / x0.shape[0] / dim_in,
         e2e_jac_fro_method="exact" if exact else "hutchinson",
