@@ -420,8 +420,14 @@ def _slq(jvp_fn, vjp_fn, v0: Array, key, steps: int) -> tuple[Array, Array]:
         twice = project_out(once)
         n = _norms(twice)
         broke = n <= _norms(once) / math.sqrt(2)
-        fresh = project_out(project_out(jax.random.normal(key, once.shape, dtype)))
-        w = jnp.where(broke[:, None], _unit(fresh)[0], _normalize(twice, n))
+        # The replacement only where some example broke down: two more projections per
+        # half-step otherwise, as costly as the reorthogonalization itself.
+        fresh = jax.lax.cond(
+            jnp.any(broke),
+            lambda: _unit(project_out(project_out(
+                jax.random.normal(key, once.shape, dtype))))[0],
+            lambda: jnp.zeros_like(once))
+        w = jnp.where(broke[:, None], fresh, _normalize(twice, n))
         return w.reshape(shape), jnp.where(broke, 0, n).astype(dtype)
 
     def step(j, state):
