@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, plots as plots_lib, reporting
+from experiments import common, plots as plots_lib, reporting, train_setup
 from experiments import train as train_app
 from resflax import ModelConfig, data, training
 
@@ -108,7 +108,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise ValueError(f"config.seeds={config.seeds!r} must be a non-empty tuple of ints")
     for net in config.nets:
-        train_app.check_config(run_config(config, net, config.seeds[0]))
+        train_setup.check_config(run_config(config, net, config.seeds[0]))
     if len(set(net_names(config))) < len(config.nets):
         raise ValueError(f"config.nets={config.nets!r} has duplicates")
 
@@ -210,9 +210,9 @@ def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             if summary is None:
                 logging.info("Training %s (%s), seed %d", name, net, seed)
                 key = training.programs_key(common.model_config(run),
-                                            train_app.optim_config(run), run.num_devices)
+                                            train_setup.optim_config(run), run.num_devices)
                 if key not in programs:
-                    programs[key] = train_app.build_programs(run)
+                    programs[key] = train_setup.build_programs(run)
                 summary = train_app.train_and_evaluate(run, run_dir, cache=cache,
                                                        programs=programs[key])
             else:
@@ -251,7 +251,7 @@ def main(argv):
         common.check_workdir(flags.FLAGS.workdir)
         check_config(config)
         run = run_config(config, config.nets[0], config.seeds[0])
-        train_app.input_shape(run)
+        train_setup.input_shape(run)
         for split in (run.data.train_split, run.data.eval_split):  # Prepared offline?
             data.source(run.data.name, split, data_dir=run.data.data_dir)
 
