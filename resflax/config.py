@@ -121,7 +121,8 @@ class ModelConfig:
         Leaky ReLU, Zhang et al. 2022: activation='leaky_relu' with a solved slope). Every
         layer applies phi_hat, solved for L = `kernel_shaping.nonlinear_depth(self)` nonlinear
         layers. Needs a plain MLP (family='mlp', block='plain', norm='none') with q-preserving
-        weights: init 'orthogonal' or 'delta_orthogonal', weight_scale=1, bias_scale=0.
+        weights: init 'orthogonal' or 'delta_orthogonal', weight_scale=1, bias_scale=0,
+        zero_init_residual=False.
       shaping_target: the transform's target for the whole net: DKS's xi = C_f'(1) > 1 (default
         1.5), TAT's eta = C_f(0) in (0, 1) (default 0.9); None with activation_transform='none'.
       num_classes: outputs of the head.
@@ -270,6 +271,7 @@ class ModelConfig:
              "q-preserving orthogonal weights at init"),
             ("weight_scale", (1.0,), "orthogonal weights of gain 1 keep q"),
             ("bias_scale", (0.0,), "no biases at init"),
+            ("zero_init_residual", (False,), "a zero last layer would cut the signal"),
             ("activation", activations,
              "DKS needs a smooth activation" if transform == "dks" else "TAT for Leaky ReLU"),
         )

@@ -36,7 +36,10 @@ and the graded panels resolve the width-1/sqrt(q) transition of saturating activ
 q up to ~1e16. Measured against an independent integrator: < 1e-13 relative error at
 num_points = 16 for q in [1e-4, 1e6]. Plain Gauss-Hermite (`numpy.polynomial.hermite.hermgauss`)
 is not used: with 100-101 points it is off by 6% for E[relu'^2] when a node sits on the kink,
-by 1e-3..1e-1 for elu/selu, and by ~5e-2 for tanh/erf at q = 100.
+by 1e-3..1e-1 for elu/selu, and by ~5e-2 for tanh/erf at q = 100. `gaussian_expectation`
+can grade the rule at another kink (`kink`, e.g. relu(x - k)). The kernel map `c_map`,
+E[phi(u) phi(v)] at correlation c, is Gauss-Legendre in polar coordinates about the crossing of
+the two kink lines (Deep Kernel Shaping's C-map; `resflax.kernel_shaping`).
 """
 
 from __future__ import annotations
