@@ -90,8 +90,8 @@ _TYPES = dict(
     family=str, block=str, bottleneck=bool, depth=int, width=int, layers_per_block=int,
     activation=str, init=str, weight_scale=float, bias_scale=float, norm=str, shortcut=str,
     zero_init_residual=bool, residual_scale=float, learnable_residual_scale=bool,
-    activation_transform=str, shaping_target=float, num_classes=int, dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str,
-    bn_running_var=str,
+    activation_transform=str, shaping_target=float, num_classes=int, dtype=str,
+    param_dtype=str, remat=bool, scan=bool, conv_impl=str, bn_running_var=str,
 )
 
 
