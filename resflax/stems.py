@@ -11,18 +11,22 @@ import functools
 import flax.linen as nn
 import jax
 
-from resflax import layers
+from resflax import kernel_shaping, layers
 from resflax.config import DTYPES, ModelConfig
 
 Array = jax.Array
 
 
 def layer_kit(config: ModelConfig, freeze_norm_stats: bool = False) -> dict:
-    """The callables every layer shares: activation, norm factory, initializers, dtypes."""
+    """The callables every layer shares: activation, norm factory, initializers, dtypes.
+
+    The activation is the registry's phi, or its kernel-shaping transform phi_hat
+    (`config.activation_transform`), so every block and stem applies the same one.
+    """
     norm_extra = {"unbiased_running_var": config.bn_running_var == "unbiased"} if (
         config.norm == "batch") else {}
     return dict(
-        activation=layers.activation(config.activation),
+        activation=kernel_shaping.activation_for(config),
         norm=functools.partial(layers.norm(config.norm), freeze_stats=freeze_norm_stats,
                                **norm_extra),
         kernel_init=layers.initializer(config.init, config.weight_scale),
