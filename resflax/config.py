@@ -29,7 +29,7 @@ import ml_collections
 from ml_collections import config_dict as ml_config_dict
 
 from resflax import checks, conv, layers
-from resflax.blocks import BLOCK_KINDS, SHORTCUTS
+from resflax.blocks import BLOCK_KINDS, NORM_FREE_KINDS, SHORTCUTS
 
 FAMILIES = ("mlp", "cifar_resnet", "imagenet_resnet")
 DTYPES = {
@@ -58,6 +58,7 @@ _COMMON_DEFAULTS = dict(
     zero_init_residual=False,
     residual_scale=1.0,
     learnable_residual_scale=False,
+    nf_alpha=0.2,
     dtype="float32",
     param_dtype="float32",
     remat=False,
@@ -88,7 +89,7 @@ _TYPES = dict(
     family=str, block=str, bottleneck=bool, depth=int, width=int, layers_per_block=int,
     activation=str, init=str, weight_scale=float, bias_scale=float, norm=str, shortcut=str,
     zero_init_residual=bool, residual_scale=float, learnable_residual_scale=bool,
-    num_classes=int, dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str,
+    nf_alpha=float, num_classes=int, dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str,
     bn_running_var=str,
 )
 
@@ -99,7 +100,8 @@ class ModelConfig:
 
     Attributes:
       family: 'mlp' | 'cifar_resnet' | 'imagenet_resnet'.
-      block: 'plain' | 'v1' | 'v2'.
+      block: 'plain' | 'v1' | 'v2' | 'fixup' (Zhang et al. 2019) | 'nf' (NF-ResNet, Brock et
+        al. 2021); the last two need norm='none' (and 'nf' shortcut 'B' or 'C').
       bottleneck: 1x1-3x3-1x1 blocks (CIFAR: depth 9n+2; ImageNet: set by the depth, from 50 on).
       depth: MLP: number of blocks L; CIFAR: weight layers 6n+2 (9n+2 bottleneck); ImageNet:
         18, 34, 50, 101, 152 or 200.
@@ -113,6 +115,8 @@ class ModelConfig:
       residual_scale: alpha, the residual branch's multiplier (its initial value if learnable).
       learnable_residual_scale: alpha is a trained scalar per block, starting at
         `residual_scale` (SkipInit / ReZero: residual_scale=0).
+      nf_alpha: block='nf' only: alpha, the NF-ResNet branch multiplier (the variance grows by
+        alpha^2 per block; 0.2 in the paper).
       num_classes: outputs of the head.
       dtype, param_dtype: compute and parameter dtypes ('float32', 'bfloat16', 'float64', ...).
       remat: recompute block activations in the backward pass (memory bounded in depth).
@@ -138,6 +142,7 @@ class ModelConfig:
     zero_init_residual: bool | None = None
     residual_scale: float | None = None
     learnable_residual_scale: bool | None = None
+    nf_alpha: float | None = None
     num_classes: int | None = None
     dtype: str | None = None
     param_dtype: str | None = None
@@ -169,7 +174,7 @@ class ModelConfig:
         checks.choice("bn_running_var", self.bn_running_var, layers.BN_RUNNING_VARS)
         for name in ("depth", "width", "num_classes"):
             checks.integer(name, getattr(self, name), 1)
-        for name in ("weight_scale", "bias_scale"):
+        for name in ("weight_scale", "bias_scale", "nf_alpha"):
             self._set(name, checks.number(name, getattr(self, name), 0.0, finite=True))
         if isinstance(self.residual_scale, str):
             raise ValueError(
@@ -189,6 +194,7 @@ class ModelConfig:
                 f"{what} needs a skip connection: use block='v1' or 'v2' (a plain block has "
                 "residual_scale=1.0)"
             )
+        self._validate_norm_free()
         if self.family == "mlp":
             if self.bottleneck:
                 raise ValueError("bottleneck=True is not supported for family='mlp'; allowed: False")
@@ -219,6 +225,32 @@ class ModelConfig:
                     f"{name}='float64' needs 64-bit JAX: "
                     "jax.config.update('jax_enable_x64', True) before building the model"
                 )
+
+    def _validate_norm_free(self) -> None:
+        """Fixup and NF-ResNets replace normalization and set their own branch multiplier."""
+        if self.block not in NORM_FREE_KINDS:
+            return
+        if self.norm != "none":
+            raise ValueError(
+                f"norm={self.norm!r} is not supported with block={self.block!r} (it replaces "
+                "normalization); allowed values: ['none']"
+            )
+        if self.block == "nf" and self.shortcut not in ("B", "C"):
+            raise ValueError(
+                f"shortcut={self.shortcut!r} is not supported with block='nf' (a transition "
+                "block must project its unit-variance input); allowed values: ['B', 'C']"
+            )
+        own = "the 'scale' multiplier (init 1)" if self.block == "fixup" else "nf_alpha"
+        if self.learnable_residual_scale:
+            raise ValueError(
+                f"learnable_residual_scale=True is not supported with block={self.block!r} "
+                f"(its branch multiplier is {own}); allowed values: [False]"
+            )
+        if self.residual_scale != 1.0:
+            raise ValueError(
+                f"residual_scale={self.residual_scale!r} is not supported with "
+                f"block={self.block!r} (its branch multiplier is {own}); allowed values: [1.0]"
+            )
 
     # ----- derived, pure -----
 
