@@ -8,7 +8,8 @@ activation and `alpha` the residual-branch scale:
     plain:  x -> phi(N(W_k ... phi(N(W_1 x))))                       (He et al. 2015, plain nets)
     v1:     x -> phi(s(x) + alpha * N(W_k ... phi(N(W_1 x))))         (He et al. 2015)
     v2:     x -> s'(x) + alpha * W_k phi(N( ... W_1 phi(N(x))))       (He et al. 2016, "identity")
-    fixup:  x -> phi(s(x + a_1) + c * W_k(... phi(W_1(x + a_1) + b_1) ...) + b_k)  (Zhang et al. 2019)
+    fixup:  x -> phi(s(x + a_1) + c * W_k(... phi(W_1(x + a_1) + b_1) ...) + b_k)
+                                                                     (Zhang et al. 2019)
     nf:     x -> s''(x) + alpha * W^_k g(... W^_1 g(x / beta))        (Brock, De & Smith 2021)
 
 Fixup (`kind='fixup'`, no norm): scalar biases `a_i` before every weight layer ("bias{i}a") and

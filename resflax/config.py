@@ -89,8 +89,8 @@ _TYPES = dict(
     family=str, block=str, bottleneck=bool, depth=int, width=int, layers_per_block=int,
     activation=str, init=str, weight_scale=float, bias_scale=float, norm=str, shortcut=str,
     zero_init_residual=bool, residual_scale=float, learnable_residual_scale=bool,
-    nf_alpha=float, num_classes=int, dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str,
-    bn_running_var=str,
+    nf_alpha=float, num_classes=int, dtype=str, param_dtype=str, remat=bool, scan=bool,
+    conv_impl=str, bn_running_var=str,
 )
 
 

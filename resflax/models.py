@@ -202,6 +202,16 @@ def segments(config: ModelConfig, freeze_norm_stats: bool = False) -> tuple[Segm
     )
 
 
+STACKED_SCOPE = "rest"  # The scope of a stage's scanned stack (`_stage_segments`).
+
+
+def is_stacked_path(path: Sequence[Any]) -> bool:
+    """A parameter tree path (`jax.tree_util` keys or strings) lies in a scanned stack, its
+    leaves stacked on a leading layer axis: some key is `STACKED_SCOPE` (unrolled blocks are
+    `rest_0`, `rest_1`, ...)."""
+    return any(getattr(k, "key", getattr(k, "name", k)) == STACKED_SCOPE for k in path)
+
+
 def per_block_sums(config: ModelConfig, tree: Mapping,
                    leaf_fn: Callable[[Array], Array]) -> Array:
     """`[L]`: `sum(leaf_fn(leaf))` over each block's part of a params-shaped tree, in signal
