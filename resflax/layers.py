@@ -328,6 +328,18 @@ def norm(name: str) -> Callable[..., nn.Module]:
 # Convolution: the one conv layer of every block and stem.
 
 
+class ScalarShift(nn.Module):
+    """`x + b` with one learnable scalar `bias` (init 0): Fixup's biases (Zhang et al. 2019)."""
+
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bias = self.param("bias", nn.initializers.zeros, (), self.param_dtype)
+        return x + bias.astype(self.dtype or x.dtype)
+
+
 def standardize_kernel(kernel: Array, gain: Array, epsilon: float = 1e-4) -> Array:
     """Scaled weight standardization (Brock, De & Smith 2021, eq. 7; deepmind nfnets' WSConv2D).
 

@@ -329,8 +329,7 @@ class Network(nn.Module):
             self.final_norm = kit["norm"](**kit["dtypes"])
         fixup = config.block == "fixup"
         if fixup:  # Fixup's scalar bias before the classifier (the reference's `bias2`).
-            self.head_shift = self.param("head_shift", nn.initializers.zeros, (),
-                                         kit["dtypes"]["param_dtype"])
+            self.head_shift = layers.ScalarShift(**kit["dtypes"])
         # Fixup: the classification layer's weight and bias start at 0 (Algorithm 1, step 1).
         zeros = nn.initializers.zeros
         self.head = nn.Dense(config.num_classes,
@@ -362,7 +361,7 @@ class Network(nn.Module):
         if x_last.ndim == 4:
             x_last = jnp.mean(x_last, axis=(1, 2))
         if config.block == "fixup":
-            x_last = x_last + self.head_shift.astype(x_last.dtype)
+            x_last = self.head_shift(x_last)
         return self.head(x_last)
 
     def __call__(self, inputs: Array, train: bool = False, perturbations=None):
