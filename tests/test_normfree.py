@@ -401,3 +401,37 @@ def test_nf_alpha_round_trips():
     config = ModelConfig(family="mlp", block="nf", nf_alpha=0.3)
     assert ModelConfig.from_json(config.to_json()) == config
     assert ModelConfig(family="mlp").nf_alpha == 0.2
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_nf_block_jacobians_use_each_blocks_beta(scan):
+    """`diagnostics.block_jacobian_statistics` applies each block on its own; for 'nf' it must
+    pass that block's beta. Ground truth: `d x_l / d x_{l-1}` of the whole network, through the
+    perturbation added at `x_{l-1}`, densely (width 4, exact Frobenius norms)."""
+    from resflax import diagnostics
+
+    fields = dict(TINY_MLP, block="nf", depth=4, width=4, nf_alpha=1.0, scan=scan)
+    config = ModelConfig.from_dict(fields)
+    model = resflax.build_model(config)
+    x = inputs(config, batch=2)
+    variables = model.init(jax.random.key(0), x)
+    _, signals = model.apply(variables, x)
+    stats = diagnostics.block_jacobian_statistics(
+        model, variables, signals, jax.random.key(1), diagnostics.Options(train=False))
+    flat_model = resflax.build_model(dict(fields, scan=False))
+    flat_vars = unroll_variables(variables)
+    zeros = tuple(jnp.zeros((1,) + s.shape[1:]) for s in unstack(signals))
+
+    def signal(l, k, pert):  # x_l as a function of the perturbation at x_k.
+        perts = zeros[:k] + (pert[None],) + zeros[k + 1:]
+        return unstack(flat_model.apply(flat_vars, x, perturbations=perts)[1])[l]
+
+    for l in range(1, config.num_blocks + 1):
+        jac = jax.jacfwd(lambda p: signal(l, l - 1, p))(jnp.zeros(x.shape[:1] + (4,)))
+        # [B, 4, B, 4]: examples are independent, keep each example's own block.
+        per_example = jnp.stack([jac[b, :, b, :] for b in range(x.shape[0])])
+        want = jnp.mean(jnp.sum(per_example**2, axis=(1, 2))) / 4
+        np.testing.assert_allclose(stats["jac_fro_sq"][l - 1], want, rtol=1e-4)
