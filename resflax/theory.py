@@ -227,7 +227,10 @@ def nf_gamma(activation: str) -> float:
     """
     if activation == "relu":
         return math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
-    m = moments(activation, 1.0)
+    # Models ask for it while they are traced (init under jit): evaluate here and now, so the
+    # result is a Python float, not a tracer of the caller's program.
+    with jax.ensure_compile_time_eval():
+        m = moments(activation, 1.0)
     var = m.phi_sq - m.phi**2
     if not var > 0:
         raise ValueError(f"activation={activation!r} has zero variance on N(0, 1); no NF gain")
