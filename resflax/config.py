@@ -261,8 +261,9 @@ class ModelConfig:
         if self.family == "cifar_resnet":
             per_block = 9 if self.bottleneck else 6
             if self.depth < per_block + 2 or (self.depth - 2) % per_block:
+                # Each rule names the other one's `bottleneck`, so flipping it is named too.
                 rule = "9n+2 (bottleneck: 11, 164, 1001, ...)" if self.bottleneck else (
-                    "6n+2 (8, 20, 32, 44, 56, 110, 1202, ...)")
+                    "6n+2 (8, 20, 32, 44, 56, 110, 1202, ...; bottleneck=True: 9n+2)")
                 raise ValueError(
                     f"depth={self.depth} is not valid for family='cifar_resnet': must be {rule}")
             return ((self.depth - 2) // per_block,) * 3
