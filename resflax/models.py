@@ -301,7 +301,8 @@ class Stage(nn.Module):
 
 
 class Network(nn.Module):
-    """stem -> stages -> (final norm + activation for v2) -> global average pool -> dense head.
+    """stem -> stages -> (final norm + activation for v2; gamma-scaled activation for nf) ->
+    global average pool -> (Fixup's scalar `head_shift`) -> dense head (zero-init for Fixup).
 
     Attributes:
       config: the `ModelConfig`.
