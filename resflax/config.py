@@ -29,7 +29,7 @@ import ml_collections
 from ml_collections import config_dict as ml_config_dict
 
 from resflax import checks, conv, layers
-from resflax.blocks import BLOCK_KINDS, SHORTCUTS
+from resflax.blocks import BLOCK_KINDS, NORM_FREE_KINDS, SHORTCUTS
 
 FAMILIES = ("mlp", "cifar_resnet", "imagenet_resnet")
 DTYPES = {
@@ -60,6 +60,7 @@ _COMMON_DEFAULTS = dict(
     learnable_residual_scale=False,
     activation_transform="none",
     shaping_target=None,  # The transform's own default (`_validate_transform`).
+    nf_alpha=0.2,
     dtype="float32",
     param_dtype="float32",
     remat=False,
@@ -90,8 +91,8 @@ _TYPES = dict(
     family=str, block=str, bottleneck=bool, depth=int, width=int, layers_per_block=int,
     activation=str, init=str, weight_scale=float, bias_scale=float, norm=str, shortcut=str,
     zero_init_residual=bool, residual_scale=float, learnable_residual_scale=bool,
-    activation_transform=str, shaping_target=float, num_classes=int, dtype=str,
-    param_dtype=str, remat=bool, scan=bool, conv_impl=str, bn_running_var=str,
+    activation_transform=str, shaping_target=float, nf_alpha=float, num_classes=int,
+    dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str, bn_running_var=str,
 )
 
 
@@ -101,7 +102,8 @@ class ModelConfig:
 
     Attributes:
       family: 'mlp' | 'cifar_resnet' | 'imagenet_resnet'.
-      block: 'plain' | 'v1' | 'v2'.
+      block: 'plain' | 'v1' | 'v2' | 'fixup' (Zhang et al. 2019) | 'nf' (NF-ResNet, Brock et
+        al. 2021); the last two need norm='none' (and 'nf' shortcut 'B' or 'C').
       bottleneck: 1x1-3x3-1x1 blocks (CIFAR: depth 9n+2; ImageNet: set by the depth, from 50 on).
       depth: MLP: number of blocks L; CIFAR: weight layers 6n+2 (9n+2 bottleneck); ImageNet:
         18, 34, 50, 101, 152 or 200.
@@ -125,6 +127,8 @@ class ModelConfig:
         zero_init_residual=False.
       shaping_target: the transform's target for the whole net: DKS's xi = C_f'(1) > 1 (default
         1.5), TAT's eta = C_f(0) in (0, 1) (default 0.9); None with activation_transform='none'.
+      nf_alpha: block='nf' only: alpha, the NF-ResNet branch multiplier (the variance grows by
+        alpha^2 per block; 0.2 in the paper).
       num_classes: outputs of the head.
       dtype, param_dtype: compute and parameter dtypes ('float32', 'bfloat16', 'float64', ...).
       remat: recompute block activations in the backward pass (memory bounded in depth).
@@ -152,6 +156,7 @@ class ModelConfig:
     learnable_residual_scale: bool | None = None
     activation_transform: str | None = None
     shaping_target: float | None = None
+    nf_alpha: float | None = None
     num_classes: int | None = None
     dtype: str | None = None
     param_dtype: str | None = None
@@ -183,7 +188,7 @@ class ModelConfig:
         checks.choice("bn_running_var", self.bn_running_var, layers.BN_RUNNING_VARS)
         for name in ("depth", "width", "num_classes"):
             checks.integer(name, getattr(self, name), 1)
-        for name in ("weight_scale", "bias_scale"):
+        for name in ("weight_scale", "bias_scale", "nf_alpha"):
             self._set(name, checks.number(name, getattr(self, name), 0.0, finite=True))
         if isinstance(self.residual_scale, str):
             raise ValueError(
@@ -203,6 +208,7 @@ class ModelConfig:
                 f"{what} needs a skip connection: use block='v1' or 'v2' (a plain block has "
                 "residual_scale=1.0)"
             )
+        self._validate_norm_free()
         if self.family == "mlp":
             if self.bottleneck:
                 raise ValueError("bottleneck=True is not supported for family='mlp'; allowed: False")
@@ -281,6 +287,31 @@ class ModelConfig:
                 raise ValueError(f"{name}={value!r} is not supported {why} ({reason}); "
                                  f"allowed values: {list(allowed)}")
         kernel_shaping.for_config(self)  # ValueError 'shaping_target=...' if unreachable.
+    def _validate_norm_free(self) -> None:
+        """Fixup and NF-ResNets replace normalization and set their own branch multiplier."""
+        if self.block not in NORM_FREE_KINDS:
+            return
+        if self.norm != "none":
+            raise ValueError(
+                f"norm={self.norm!r} is not supported with block={self.block!r} (it replaces "
+                "normalization); allowed values: ['none']"
+            )
+        if self.block == "nf" and self.shortcut not in ("B", "C"):
+            raise ValueError(
+                f"shortcut={self.shortcut!r} is not supported with block='nf' (a transition "
+                "block must project its unit-variance input); allowed values: ['B', 'C']"
+            )
+        own = "the 'scale' multiplier (init 1)" if self.block == "fixup" else "nf_alpha"
+        if self.learnable_residual_scale:
+            raise ValueError(
+                f"learnable_residual_scale=True is not supported with block={self.block!r} "
+                f"(its branch multiplier is {own}); allowed values: [False]"
+            )
+        if self.residual_scale != 1.0:
+            raise ValueError(
+                f"residual_scale={self.residual_scale!r} is not supported with "
+                f"block={self.block!r} (its branch multiplier is {own}); allowed values: [1.0]"
+            )
 
     # ----- derived, pure -----
 
@@ -291,8 +322,9 @@ class ModelConfig:
         if self.family == "cifar_resnet":
             per_block = 9 if self.bottleneck else 6
             if self.depth < per_block + 2 or (self.depth - 2) % per_block:
+                # Each rule names the other one's `bottleneck`, so flipping it is named too.
                 rule = "9n+2 (bottleneck: 11, 164, 1001, ...)" if self.bottleneck else (
-                    "6n+2 (8, 20, 32, 44, 56, 110, 1202, ...)")
+                    "6n+2 (8, 20, 32, 44, 56, 110, 1202, ...; bottleneck=True: 9n+2)")
                 raise ValueError(
                     f"depth={self.depth} is not valid for family='cifar_resnet': must be {rule}")
             return ((self.depth - 2) // per_block,) * 3

@@ -37,7 +37,8 @@ def layer_kit(config: ModelConfig, freeze_norm_stats: bool = False) -> dict:
 
 
 class DenseStem(nn.Module):
-    """MLP stem: `x_0 = W x + b` on the flattened input `[B, ...] -> [B, width]`."""
+    """MLP stem: `x_0 = W x + b` on the flattened input `[B, ...] -> [B, width]` (`W`
+    weight-standardized for block='nf', so unit-variance inputs give `Var(x_0) = 1`)."""
 
     config: ModelConfig
     freeze_norm_stats: bool = False
@@ -46,8 +47,9 @@ class DenseStem(nn.Module):
     def __call__(self, inputs: Array, train: bool) -> Array:
         del train
         kit = layer_kit(self.config, self.freeze_norm_stats)
-        dense = nn.Dense(self.config.width, kernel_init=kit["kernel_init"],
-                         bias_init=kit["bias_init"], name="layer", **kit["dtypes"])
+        dense_cls = layers.StandardizedDense if self.config.block == "nf" else nn.Dense
+        dense = dense_cls(self.config.width, kernel_init=kit["kernel_init"],
+                          bias_init=kit["bias_init"], name="layer", **kit["dtypes"])
         return dense(inputs.reshape(inputs.shape[0], -1))
 
 
@@ -58,6 +60,9 @@ class ConvStem(nn.Module):
     He et al. 2016's pre-activation CIFAR nets have a bare conv (the first unit activates it
     before splitting, `_first_preact`); every ImageNet stem has conv-norm-act-maxpool (for v2
     that is the first unit's pre-activation). See docs/architecture.md.
+
+    block='nf': a weight-standardized conv, no activation (the first block's `g(x / beta)` is
+    it), then the ImageNet max-pool: the reference NF-ResNet's stem.
     """
 
     config: ModelConfig
@@ -73,10 +78,11 @@ class ConvStem(nn.Module):
         x = layers.Conv(
             config.width, (kernel, kernel), strides=(strides, strides),
             padding=((pad, pad), (pad, pad)), use_bias=kit["use_bias"], impl=config.conv_impl,
+            standardize=config.block == "nf",
             kernel_init=kit["kernel_init"], bias_init=kit["bias_init"], name="layer",
             **kit["dtypes"],
         )(inputs)
-        if imagenet or config.block != "v2":
+        if config.block != "nf" and (imagenet or config.block != "v2"):
             x = kit["activation"](kit["norm"](name="norm", **kit["dtypes"])(x, train))
         if imagenet:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -232,6 +232,27 @@ def moments(activation: Activation, q: float, num_points: int = NUM_POINTS) -> M
         return Moments(*(float(v) for v in _moments_fn(phi, num_points)(_sqrt(q))))
 
 
+@functools.lru_cache(maxsize=None)
+def nf_gamma(activation: str) -> float:
+    """NF-ResNets' activation gain `gamma = 1 / sqrt(Var(phi(z)))`, z ~ N(0, 1) (Brock, De &
+    Smith 2021, section 4.1): `gamma * phi` of a unit Gaussian has unit variance, which a
+    weight-standardized (zero-mean) layer passes on whatever its mean.
+
+    ReLU in closed form, `sqrt(2 / (1 - 1/pi))` (Var(relu(z)) = (1 - 1/pi) / 2), the others by
+    quadrature (`moments`). Raises ValueError for an unknown name or a constant activation.
+    """
+    if activation == "relu":
+        return math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
+    # Models ask for it while they are traced (init under jit): evaluate here and now, so the
+    # result is a Python float, not a tracer of the caller's program.
+    with jax.ensure_compile_time_eval():
+        m = moments(activation, 1.0)
+    var = m.phi_sq - m.phi**2
+    if not var > 0:
+        raise ValueError(f"activation={activation!r} has zero variance on N(0, 1); no NF gain")
+    return 1.0 / math.sqrt(var)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernel (C-) map: the covariance of phi at two correlated Gaussian inputs.
 

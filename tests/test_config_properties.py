@@ -8,7 +8,9 @@
 
 Shortcut option A zero-pads and cannot *reduce* features, but no topology of the three families
 ever asks it to (widths only grow: the stem outputs `width`, each stage keeps or doubles it,
-bottlenecks expand 4x), so every (block, shortcut) combination is valid and is generated.
+bottlenecks expand 4x), so every (block, shortcut) combination is valid and is generated, except
+the norm-free kinds' own constraints: 'fixup' and 'nf' need norm='none', and 'nf' shortcut 'B' or
+'C' (its transition blocks project).
 
 Deterministic (`derandomize=True`, no example database). Forward passes compile one XLA program
 per distinct net, so those properties run few examples on tiny nets.
@@ -25,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 import resflax
 from resflax import config as config_lib
 from resflax import conv, kernel_shaping, layers
-from resflax.blocks import BLOCK_KINDS, SHORTCUTS
+from resflax.blocks import BLOCK_KINDS, NORM_FREE_KINDS, SHORTCUTS
 from resflax.config import FAMILIES, FIELDS, IMAGENET_DEPTHS, ModelConfig
 from resflax.models import segments
 
@@ -49,7 +51,7 @@ CHOICES = {  # Fields with a fixed set of allowed values.
     "activation_transform": kernel_shaping.TRANSFORMS,
 }
 INTEGERS = ("depth", "width", "num_classes")
-SCALES = ("weight_scale", "bias_scale")  # Finite numbers >= 0.
+SCALES = ("weight_scale", "bias_scale", "nf_alpha")  # Finite numbers >= 0.
 BOOLEANS = ("zero_init_residual", "learnable_residual_scale", "remat", "scan")
 # Dtypes of the generated nets: float16's range is too small for finite-logit checks at every
 # sigma_w, and float64 needs jax_enable_x64 (without it an invalid config, generated below).
@@ -80,14 +82,16 @@ def valid_fields(draw, family=None, shaped=False):
         fields.update(depth=18, width=draw(st.integers(1, 2)),
                       bottleneck=draw(st.sampled_from([None, False])))
     plain = block == "plain"
+    # Fixup and NF set their own branch multiplier, like a plain block has none.
+    fixed_scale = plain or block in NORM_FREE_KINDS
     fields.update(
         activation=draw(maybe(st.sampled_from(CHOICES["activation"]))),
         init=draw(maybe(st.sampled_from(CHOICES["init"]))),
         norm=draw(maybe(st.sampled_from(CHOICES["norm"]))),
         shortcut=draw(maybe(st.sampled_from(SHORTCUTS))),
         zero_init_residual=draw(maybe(st.booleans())),
-        residual_scale=None if plain else draw(maybe(st.floats(-2.0, 2.0))),
-        learnable_residual_scale=False if plain else draw(maybe(st.booleans())),
+        residual_scale=None if fixed_scale else draw(maybe(st.floats(-2.0, 2.0))),
+        learnable_residual_scale=False if fixed_scale else draw(maybe(st.booleans())),
         weight_scale=draw(maybe(st.floats(0.0, 2.0))),
         bias_scale=draw(maybe(st.floats(0.0, 1.0))),
         num_classes=draw(st.integers(1, 5)),
@@ -98,10 +102,15 @@ def valid_fields(draw, family=None, shaped=False):
         conv_impl=draw(maybe(st.sampled_from(conv.IMPLS))),
         bn_running_var=draw(maybe(st.sampled_from(layers.BN_RUNNING_VARS))),
     )
-    if plain and draw(st.booleans()):
-        fields["residual_scale"] = 1.0  # The one value a plain block allows, given explicitly.
     if shaped or (family == "mlp" and plain and draw(st.booleans())):
         fields.update(draw(shaping_fields()))
+    if fixed_scale and draw(st.booleans()):
+        fields["residual_scale"] = 1.0  # The one value these blocks allow, given explicitly.
+    if block in NORM_FREE_KINDS:  # They replace normalization (and NF needs projections).
+        fields["norm"] = "none"
+        if block == "nf":
+            fields["shortcut"] = draw(st.sampled_from(["B", "C"]))
+            fields["nf_alpha"] = draw(maybe(st.floats(0.0, 1.0)))
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -224,6 +233,10 @@ def broken_fields(draw):
         kinds += ["plain_residual_scale", "plain_learnable"]
     if fields.get("activation_transform", "none") != "none":
         kinds += ["shaping"]
+    if block in NORM_FREE_KINDS:
+        kinds += ["normfree_norm", "normfree_residual_scale", "normfree_learnable"]
+    if block == "nf":
+        kinds += ["nf_shortcut"]
     if not jax.config.read("jax_enable_x64"):
         kinds += ["float64"]
     kind = draw(st.sampled_from(kinds))
@@ -274,6 +287,14 @@ def broken_fields(draw):
             ("bias_scale", 0.1), ("zero_init_residual", True), ("activation", "relu"),
             ("shaping_target", 1.0),
             ("shaping_target", -0.5)]))
+    elif kind == "normfree_norm":
+        name, value = "norm", draw(st.sampled_from(["batch", "layer", "group"]))
+    elif kind == "normfree_residual_scale":
+        name, value = "residual_scale", draw(st.floats(-3, 3).filter(lambda a: a != 1.0))
+    elif kind == "normfree_learnable":
+        name, value = "learnable_residual_scale", True
+    elif kind == "nf_shortcut":
+        name, value = "shortcut", "A"
     else:  # float64 without 64-bit JAX.
         name, value = draw(st.sampled_from(["dtype", "param_dtype"])), "float64"
     fields[name] = value
