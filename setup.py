@@ -27,7 +27,8 @@ setuptools.setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11",
+                 "filelock>=3.12"],
         # The PyTorch peer of benchmarks/train_step.py (`make bench`); never needed otherwise.
         "bench": ["torch>=2.4"],
         # Only for preparing datasets that tfds downloads and encodes with TensorFlow

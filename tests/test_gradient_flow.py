@@ -1,12 +1,15 @@
 """experiments/gradient_flow.py: results.json schema, plots, presets, data, errors, determinism."""
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from configs import gradient_flow as gf_config
 from experiments import gradient_flow
@@ -34,6 +37,19 @@ def tiny_config(preset=None, **data):
     else:
         config.sweep = TINY_SWEEP
     return config
+
+
+@contextlib.contextmanager
+def without_compilation_cache():
+    """No persistent compilation cache (conftest turns it on): programs compile afresh."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # It remembers whether it is used: ask again.
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def strict_load(path):
@@ -115,7 +131,8 @@ def test_single_preset_with_overrides_and_gaussian_data_is_deterministic(tmp_pat
     config.model.block = "v2"
     config.model.activation = "tanh"
     first = gradient_flow.run(config, str(tmp_path / "a"))
-    second = gradient_flow.run(config, str(tmp_path / "b"))  # A fresh compile.
+    with without_compilation_cache():
+        second = gradient_flow.run(config, str(tmp_path / "b"))  # A fresh compile.
     (run,) = first["runs"]
     assert run["model"]["block"] == "v2" and run["model"]["depth"] == 3
     assert len(run["blocks"]["act_grad_sq"]) == 4 and run["theory"] is not None
