@@ -154,3 +154,29 @@ def test_unknown_method_in_the_reference_is_an_error():
         config.methods = config.methods[:2]
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['v1_bn', 'v2_bn'\]"):
         trainability.check_config(config)
+
+
+def test_cifar10_config_without_the_data_is_one_line_naming_dataset_and_data_dir(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from configs import cifar10_trainability
+
+    config = cifar10_trainability.get_config()
+    trainability.check_config(config)
+    assert config.data.name == "cifar10" and config.depths == (20, 56, 110)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.trainability",
+         "--config=configs/cifar10_trainability.py", f"--config.data.data_dir={empty}",
+         f"--workdir={tmp_path / 'work'}"],
+        cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("trainability: error: Dataset 'cifar10' is not prepared")
+    assert f"data_dir={str(empty)!r}" in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "work").exists()
