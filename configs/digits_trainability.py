@@ -141,8 +141,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # `num_train_steps` steps (the schedule's boundaries scaled by the same fraction), at
         # every rate of `learning_rates`.
         config.tune = False
+        # conv: a coarser grid (each rate is one more compile per method).
+        rates = ((0.005, 0.01, 0.02, 0.05, 0.1, 0.2) if preset == "mlp"
+                 else (0.01, 0.03, 0.1, 0.3))
         config.tuning = ml_collections.ConfigDict(dict(
-            learning_rates=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2),
+            learning_rates=rates,
             depth=config.depths[1],
             seeds=(0,),
             num_train_steps=steps * 3 // 10,
