@@ -65,7 +65,7 @@ import ml_collections
 from configs import digits_degradation
 from resflax import theory
 
-PRESETS = ("mlp", "conv")
+PRESETS = ("mlp", "mlp_deep", "conv")
 SIGMA_B2 = 0.01  # The critical tanh net's bias variance.
 
 # Per preset and method: the learning rate chosen by the tuning run (module docstring).
@@ -100,7 +100,7 @@ def methods(learning_rates: dict[str, float], conv: bool) -> tuple[dict, ...]:
 
 
 def _model(config: ml_collections.ConfigDict, preset: str) -> None:
-    if preset == "mlp":
+    if preset in ("mlp", "mlp_deep"):
         config.model.update(dict(family="mlp", width=64, layers_per_block=2))
         config.depths = (3, 27, 54)  # Blocks: 8 / 56 / 110 weight layers.
         config.batch_size, config.num_train_steps = 128, 1000
@@ -142,11 +142,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # every rate of `learning_rates`.
         config.tune = False
         # conv: a coarser grid (each rate is one more compile per method).
-        rates = ((0.005, 0.01, 0.02, 0.05, 0.1, 0.2) if preset == "mlp"
-                 else (0.01, 0.03, 0.1, 0.3))
+        rates = ((0.01, 0.03, 0.1, 0.3) if preset == "conv"
+                 else (0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
         config.tuning = ml_collections.ConfigDict(dict(
             learning_rates=rates,
-            depth=config.depths[1],
+            depth=config.depths[-1 if preset == "mlp_deep" else 1],
             seeds=(0,),
             num_train_steps=steps * 3 // 10,
         ))
