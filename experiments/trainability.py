@@ -410,15 +410,17 @@ def tuning_config(config: ml_collections.ConfigDict, net: Net, learning_rate: fl
 
 def choose_learning_rates(grid: list[dict]) -> dict[str, float]:
     """Per method (in order of appearance): the rate of the lowest mean final training loss
-    over seeds; a run without a finite final loss (diverged) counts as +inf; ties: the first."""
+    over seeds; a run that did not complete (stopped on a non-finite step) or has no finite
+    final loss counts as +inf; ties: the first."""
     chosen = {}
     for method in dict.fromkeys(g["method"] for g in grid):
         rates = list(dict.fromkeys(g["learning_rate"] for g in grid if g["method"] == method))
 
         def score(rate):
-            losses = [g["final_train_loss"] for g in grid
-                      if g["method"] == method and g["learning_rate"] == rate]
-            finite = [x if x is not None and math.isfinite(x) else math.inf for x in losses]
+            runs = [g for g in grid if g["method"] == method and g["learning_rate"] == rate]
+            finite = [g["final_train_loss"] if g.get("status", "completed") == "completed"
+                      and g["final_train_loss"] is not None
+                      and math.isfinite(g["final_train_loss"]) else math.inf for g in runs]
             return float(np.mean(finite))
 
         chosen[method] = min(rates, key=score)
@@ -456,9 +458,10 @@ def format_grid(grid: list[dict]) -> str:
     for method in dict.fromkeys(g["method"] for g in grid):
         cells = []
         for rate in rates:
-            losses = [g["final_train_loss"] for g in grid
-                      if g["method"] == method and g["learning_rate"] == rate]
-            cells.append(" / ".join(_fmt(x) if x is not None else "diverged" for x in losses))
+            losses = [g for g in grid if g["method"] == method and g["learning_rate"] == rate]
+            cells.append(" / ".join(
+                _fmt(g["final_train_loss"]) if g["status"] == "completed"
+                and g["final_train_loss"] is not None else "diverged" for g in losses))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -94,8 +94,11 @@ def test_choose_learning_rates_is_the_argmin_with_diverged_as_inf():
             dict(method="a", learning_rate=0.01, final_train_loss=0.3),  # mean 0.25
             dict(method="b", learning_rate=1.0, final_train_loss=None),  # diverged
             dict(method="b", learning_rate=0.5, final_train_loss=2.0),
-            dict(method="c", learning_rate=0.1, final_train_loss=float("nan"))]
-    assert trainability.choose_learning_rates(grid) == {"a": 0.01, "b": 0.5, "c": 0.1}
+            dict(method="c", learning_rate=0.1, final_train_loss=float("nan")),
+            dict(method="d", learning_rate=0.2, final_train_loss=1e-3, status="stopped_nonfinite"),
+            dict(method="d", learning_rate=0.1, final_train_loss=2.0, status="completed")]
+    assert trainability.choose_learning_rates(grid) == {"a": 0.01, "b": 0.5, "c": 0.1,
+                                                        "d": 0.1}
 
 
 def test_spectrum_summary_quantiles():
