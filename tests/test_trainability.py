@@ -123,7 +123,7 @@ def test_config_computes_the_critical_point():
     conv = digits_trainability.get_config("conv")
     assert next(m for m in conv.methods if m["name"] == "plain_tanh_critical")[
         "model.init"] == "delta_orthogonal"
-    for preset in ("mlp", "conv"):
+    for preset in digits_trainability.PRESETS:
         trainability.check_config(digits_trainability.get_config(preset))
 
 
