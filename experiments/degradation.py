@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, plots as plots_lib, reporting
+from experiments import common, plots as plots_lib, reporting, train_setup
 from experiments import train as train_app
 from resflax import ModelConfig, data, training
 
@@ -110,7 +110,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise ValueError(f"config.seeds={config.seeds!r} must be a non-empty tuple of ints")
     for net in config.nets:
-        train_app.check_config(run_config(config, net, config.seeds[0]))
+        train_setup.check_config(run_config(config, net, config.seeds[0]))
     if len(set(net_names(config))) < len(config.nets):
         raise ValueError(f"config.nets={config.nets!r} has duplicates")
 
@@ -208,10 +208,10 @@ class Trainer:
 
     def programs(self, run: ml_collections.ConfigDict) -> training.Programs:
         """The (lazily compiled) programs of `run`'s architecture and optimizer."""
-        key = training.programs_key(common.model_config(run), train_app.optim_config(run),
+        key = training.programs_key(common.model_config(run), train_setup.optim_config(run),
                                     run.num_devices)
         if key not in self._programs:
-            self._programs[key] = train_app.build_programs(run)
+            self._programs[key] = train_setup.build_programs(run)
         return self._programs[key]
 
     def run(self, name: str, run: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
@@ -270,7 +270,7 @@ def main(argv):
         common.check_workdir(flags.FLAGS.workdir)
         check_config(config)
         run = run_config(config, config.nets[0], config.seeds[0])
-        train_app.input_shape(run)
+        train_setup.input_shape(run)
         for split in (run.data.train_split, run.data.eval_split):  # Prepared offline?
             data.source(run.data.name, split, data_dir=run.data.data_dir)
 

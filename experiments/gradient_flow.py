@@ -19,7 +19,8 @@ and `fwd_chan_var[0]`, prints a table, and writes into `workdir`:
     `jac_fro_method` ('exact' or 'hutchinson').
   - `e2e`: `e2e_jac_fro_sq`, `e2e_jac_fro_sq_stderr`, `e2e_jac_fro_method`,
     `e2e_jac_spectral`, `e2e_jac_spectral_rel_change`, `e2e_jac_spectral_iterations`,
-    `e2e_singular_values` ([B, k] or null) of `dx_L/dx_0`.
+    `e2e_singular_values` ([B, k] or null) of `dx_L/dx_0`; with `e2e_spectrum=True` also
+    `e2e_slq_nodes`, `e2e_slq_weights` ([B, slq_steps]), `e2e_slq_sigma_max`, `_sigma_min`.
   - `theory`: `fwd_sq`, `act_grad_sq` [L+1], `jac_fro_sq` [L], `e2e_jac_fro_sq`; null where the
     theory does not apply (conv nets, v1, plain nets with a norm, ...).
   Non-finite numbers (a plain net's signal overflowing, say) are kept as they are in memory and
@@ -31,6 +32,9 @@ and `fwd_chan_var[0]`, prints a table, and writes into `workdir`:
   per net (mean over seeds), theory dashed in the same colour; `jac_spectral.png`: sigma_max
   of every block Jacobian (and `jac_fro_sq` with its theory). Non-finite and non-positive
   values are left out of the log-scale plots (the line breaks there).
+- `e2e_spectrum.png`, with `diagnostics.e2e_spectrum=True`: the density of the end-to-end
+  singular values of `dx_L/dx_0` per net (stochastic Lanczos quadrature, pooled over seeds),
+  the dynamical-isometry picture of Pennington et al. 2017, theory's mean where it applies.
 
 Everything of a net (initialization and diagnostics) is one jitted program, compiled once and run
 once per seed. Bad configuration (unknown field, depth 0, negative width, a dataset that is not
@@ -57,6 +61,7 @@ from resflax import ModelConfig, build_model, checks, costs, data, diagnostics, 
 
 RESULTS_FILE = "results.json"
 PLOT_FILES = ("act_grad_sq.png", "fwd_sq.png", "jac_spectral.png")
+SPECTRUM_FILE = "e2e_spectrum.png"  # Only with diagnostics.e2e_spectrum=True.
 CONFIG_FIELDS = ("model", "sweep", "data", "batch_size", "seeds", "diagnostics")
 DATA_FIELDS = ("name", "data_dir", "split", "input_dim", "seed")
 BLOCK_KEYS = (
@@ -335,6 +340,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results_path = os.path.join(workdir, RESULTS_FILE)
     reporting.write_json(results_path, results)
     plots = plots_lib.gradient_flow(workdir, runs, PLOT_FILES)
+    spectrum = plots_lib.gradient_flow_spectrum(os.path.join(workdir, SPECTRUM_FILE), runs)
+    plots += [spectrum] if spectrum else []
     print(f"results: {results_path}\nplots: " + ", ".join(plots), flush=True)
     return results
 

@@ -79,6 +79,30 @@ def gradient_flow(workdir: str, runs, files: tuple[str, str, str]) -> list[str]:
     return paths
 
 
+def gradient_flow_spectrum(path: str, runs) -> str | None:
+    """`gradient_flow`'s end-to-end singular-value density (`singular_value_density`), one
+    curve per net, SLQ nodes pooled over its seeds; theory (`sqrt` of the predicted mean squared
+    singular value, `theory.e2e_jac_fro_sq`: dim(x_0) = dim(x_L) where the theory applies) where
+    it exists. None (nothing written) when no run has a spectrum (`e2e_spectrum=False`)."""
+    nets = [(name, [r for r in group if r["e2e"].get("e2e_slq_nodes") is not None])
+            for name, group in _by_net(runs).items()]
+    nets = [(name, group) for name, group in nets if group]
+    if not nets:
+        return None
+    nodes = [np.concatenate([np.asarray(r["e2e"]["e2e_slq_nodes"], np.float64) for r in g])
+             for _, g in nets]
+    weights = [np.concatenate([np.asarray(r["e2e"]["e2e_slq_weights"], np.float64) for r in g])
+               for _, g in nets]
+    theory_mean_sq = [
+        float(np.mean([r["theory"]["e2e_jac_fro_sq"] for r in g]))
+        if all(r["theory"] and r["theory"].get("e2e_jac_fro_sq") is not None for r in g) else None
+        for _, g in nets
+    ]
+    singular_value_density(path, nodes, weights,
+                           [name for name, _ in nets], theory_mean_sq=theory_mean_sq)
+    return path
+
+
 # ----------------------------------------------------------------------------- degradation
 
 

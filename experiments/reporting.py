@@ -3,7 +3,8 @@
 - `MetricsWriter(workdir)`: each `write(step, metrics)` is one line of `workdir/metrics.jsonl`
   (`{"step": int, name: value, ...}`) and one TensorBoard scalar per value (a list value
   `v` becomes the scalars `name/000`, `name/001`, ...) in an events file in `workdir`.
-- `TrainWindow`: the running sums behind each `train/*` record of a training loop.
+- `TrainWindow`: the running sums behind each `train/*` record of a training loop;
+  `records_before`: the records a resumed loop keeps; `RunSummary`: its `summary.json`.
 - `Progress`: logs `step / total, steps/s, ETA` through absl logging every `every_secs`.
 - `provenance(start_utc)`: versions, devices, git revision, host, argv, times for results.
 - `write_json`: atomic (write a temporary file, then rename), so a reader never sees half a file.
@@ -181,6 +182,38 @@ class TrainWindow:
         return {"train/loss": self.loss / n, "train/error": self.error / n,
                 "train/accuracy": 1.0 - self.error / n, "train/grad_norm": self.grad_norm / n,
                 "train/learning_rate": self.learning_rate}
+
+
+def records_before(resume_step: int) -> Callable[[Mapping[str, Any]], bool]:
+    """`MetricsWriter`'s `keep` on a resume at `resume_step`: the records a training loop has
+    written by the time it checkpoints at that step, i.e. everything up to it except the
+    gradient record *at* it (computed in the next iteration)."""
+    return lambda r: r["step"] < resume_step or (
+        r["step"] == resume_step and "param_grad_norm" not in r
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """`summary.json` of one training run (`experiments.train`); `dataclasses.asdict` is the
+    file. Final train numbers are the last logging window's, eval numbers the last evaluation's.
+    """
+
+    status: str  # experiments.train.STATUSES
+    step: int
+    train_loss: float | None
+    train_error: float | None
+    eval_loss: float | None
+    eval_error: float | None
+    wall_s: float  # Summed over restarts.
+    config: dict[str, Any]  # The run config, as given.
+    model: dict[str, Any]  # Every ModelConfig field, resolved.
+    config_history: list  # [{"step", "changed"}]: resumes with a changed config.
+    skipped_steps: list  # Non-finite reports of the skipped updates (on_nonfinite='skip_step').
+    grad_spread_step0: float | None  # max/min per-block gradient norm at initialization.
+    warnings: list
+    provenance: dict[str, Any]
+    nonfinite: dict[str, Any] | None = None  # The report of the update that stopped the run.
 
 
 def format_seconds(seconds: float) -> str:

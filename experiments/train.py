@@ -3,8 +3,9 @@
     python -m experiments.train --config=configs/train.py --workdir=/tmp/train \\
         --config.model.block=plain --config.model.depth=27
 
-configs/train.py documents every field; `check_config` rejects a bad one, naming it, before
-anything compiles. `train_and_evaluate(config, workdir)` writes into `workdir`:
+configs/train.py documents every field; `experiments.train_setup.check_config` rejects a bad
+one, naming it, before anything compiles. `train_and_evaluate(config, workdir)` writes into
+`workdir`:
 
 - `metrics.jsonl` + TensorBoard events (`reporting.MetricsWriter`), one record per line:
   - every `log_every_steps` steps and at the last step, `train/loss`, `train/error`,
@@ -20,9 +21,10 @@ anything compiles. `train_and_evaluate(config, workdir)` writes into `workdir`:
   `TrainState`, each process's data-iterator position, and the loop's own state (the partial
   logging window, the last records), so a restart equals an uninterrupted run bit for bit on
   CPU.
-- `summary.json` at the end and on every stop: `status`, `step`, final `train_loss`,
-  `train_error` (the last logging window), `eval_loss`, `eval_error` (the last evaluation),
-  `wall_s` (summed over restarts), `config`; with `nonfinite` details when stopped for that.
+- `summary.json` at the end and on every stop (`reporting.RunSummary`): `status`, `step`,
+  final `train_loss`, `train_error` (the last logging window), `eval_loss`, `eval_error` (the
+  last evaluation), `wall_s` (summed over restarts), `config`; with `nonfinite` details when
+  stopped for that.
 
 Statuses:
 - `completed`: `num_train_steps` updates done.
@@ -41,69 +43,26 @@ failing step.
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
-import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, reporting
-from resflax import checks, data, parallel, training
+from experiments import common, reporting, train_setup
+from resflax import data, parallel, training
 
 STATUSES = ("completed", "preempted", "stopped_nonfinite")
-ON_NONFINITE = ("stop", "skip_step")
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
 # Fields that may differ on a resume without `allow_config_change`: they change when or how the
 # run reports, not what it computes.
 RESUME_FREE_FIELDS = ("stop_at_step", "progress_every_secs")
-
-# ----------------------------------------------------------------------------- checks
-
-
-def optim_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`config.optim` as a dict, with `total_steps` defaulting to `num_train_steps` (cosine)."""
-    optim = config.optim.to_dict()
-    if optim.get("total_steps") is None:
-        optim["total_steps"] = config.num_train_steps
-    return optim
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad field and what it allows. Reads no data."""
-    common.require_fields(config, ("seed", "data", "model", "optim", "batch_size",
-                                   "num_train_steps", "on_nonfinite", "max_skips",
-                                   "grad_spread_warning"), "configs/train.py")
-    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
-        raise ValueError(f"config.seed={config.seed!r} must be an integer in [0, 2**31)")
-    common.model_config(config)
-    try:
-        training.make_optimizer(optim_config(config))
-    except ValueError as e:
-        raise ValueError(f"config.{e}" if str(e).startswith("optim.") else f"config.optim: {e}")
-    checks.registered("config.data.augment", config.data.augment, data.AUGMENTATIONS)
-    for name, minimum in (("num_train_steps", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("log_every_steps", 1), ("eval_every_steps", 0),
-                          ("grad_norm_every_steps", 0), ("checkpoint_every_steps", 1),
-                          ("stop_at_step", 0)):
-        if name != "stop_at_step" or config[name] is not None:  # stop_at_step: None = never.
-            checks.integer(f"config.{name}", config[name], minimum)
-    checks.choice("config.on_nonfinite", config.on_nonfinite, ON_NONFINITE)
-    checks.integer("config.max_skips", config.max_skips, 0)
-    checks.number("config.grad_spread_warning", config.grad_spread_warning, 0.0)
-    n = config.num_devices or jax.device_count()
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % n:
-            raise ValueError(
-                f"config.{name}={config[name]} must be a multiple of the number of devices ({n})"
-            )
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str,
@@ -120,73 +79,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
                                      ignore=RESUME_FREE_FIELDS)
 
 
-# ----------------------------------------------------------------------------- build
-
-
-def build_programs(config: ml_collections.ConfigDict) -> training.Programs:
-    """`training.build_programs` for `config.model`, `config.optim` and `config.num_devices`."""
-    return training.build_programs(common.model_config(config), optim_config(config),
-                                   config.num_devices)
-
-
-def _loader(config, split: str, *, train_mode: bool, batch_size: int):
-    ds = config.data
-    return data.make_loader(
-        ds.name, split, batch_size=batch_size, train=train_mode, seed=config.seed,
-        data_dir=ds.data_dir, augment=ds.augment if train_mode else "none",
-        worker_count=ds.worker_count if train_mode else 0,  # Eval: no worker start-up per pass.
-        image_size=ds.image_size, read_threads=ds.read_threads,
-    )
-
-
-def _batches(config, cache: data.BatchCache | None, *, train_mode: bool):
-    """The train split's resumable iterator, or one pass over the eval split, served through
-    `cache` (shared with other runs of the same data stream) when given."""
-    split = config.data.train_split if train_mode else config.data.eval_split
-    batch_size = config.batch_size if train_mode else config.eval_batch_size
-    make = functools.partial(_loader, config, split, train_mode=train_mode, batch_size=batch_size)
-    if cache is None:
-        return iter(make()) if train_mode else make()
-    key = json.dumps({"data": config.data.to_dict(), "split": split, "seed": config.seed,
-                      "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size},
-                     sort_keys=True)
-    return cache.train_iterator(key, make) if train_mode else cache.eval_batches(key, make)
-
-
-def input_shape(config) -> tuple[int, ...]:
-    """`(1, H, W, C)` of the dataset's images (after `data.image_size`)."""
-    meta = data.dataset_meta(config.data.name, data_dir=config.data.data_dir)
-    shape = meta.image_shape
-    if config.data.image_size:
-        shape = (config.data.image_size, config.data.image_size, shape[-1])
-    num_classes = common.model_config(config).num_classes
-    if num_classes != meta.num_classes:
-        raise ValueError(
-            f"config.model.num_classes={num_classes} but {meta.name} has "
-            f"{meta.num_classes} classes"
-        )
-    return (1,) + tuple(shape)
-
-
-def evaluate(programs: training.Programs, state, config,
-             cache: data.BatchCache | None = None) -> dict[str, float]:
-    """Mean `loss` and `error` over the whole `data.eval_split` (last batch padded+masked)."""
-    batches = _batches(config, cache, train_mode=False)
-    local = config.eval_batch_size // jax.process_count()
-    means = training.evaluate(programs, state, data.padded_batches(batches, local))
-    return {"eval/loss": means["loss"], "eval/error": means["error"],
-            "eval/accuracy": 1.0 - means["error"]}
-
-
 # ----------------------------------------------------------------------------- the loop
-
-
-def _keep_record(resume_step: int) -> Callable[[Mapping[str, Any]], bool]:
-    """Records a run has written by the time it checkpoints at `resume_step`: everything up to
-    that step except the gradient record *at* it (computed in the next iteration)."""
-    return lambda r: r["step"] < resume_step or (
-        r["step"] == resume_step and "param_grad_norm" not in r
-    )
 
 
 def _every(step: int, interval: int) -> bool:
@@ -207,9 +100,9 @@ class _Run:
         self.workdir, self.primary = workdir, jax.process_index() == 0
         if self.primary:
             os.makedirs(workdir, exist_ok=True)
-        self.programs = programs or build_programs(config)
-        self.state = self.programs.init(config.seed, input_shape(config))
-        self.data = _batches(config, cache, train_mode=True)
+        self.programs = programs or train_setup.build_programs(config)
+        self.state = self.programs.init(config.seed, train_setup.input_shape(config))
+        self.data = train_setup.train_batches(config, cache)
         self.manager = training.make_checkpoint_manager(
             os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
             max_to_keep=config.max_checkpoints_to_keep)
@@ -243,7 +136,7 @@ class _Run:
         self.step = int(self.state.step)
         self.writer = reporting.MetricsWriter(
             self.workdir, resume_step=resume,
-            keep=None if resume is None else _keep_record(resume), enabled=self.primary)
+            keep=None if resume is None else reporting.records_before(resume), enabled=self.primary)
         self.window_start = time.monotonic()
 
     def wall_s(self) -> float:
@@ -309,7 +202,8 @@ class _Run:
             self.writer.write(step, record)
             loop["last_train"], loop["window"] = record, reporting.TrainWindow()
         if _every(step, config.eval_every_steps) or last:
-            loop["last_eval"] = evaluate(self.programs, self.state, config, self.cache)
+            loop["last_eval"] = train_setup.evaluate(self.programs, self.state, config,
+                                                     self.cache)
             self.writer.write(step, loop["last_eval"])
             logging.info("step %d: %s", step, {**(loop["last_train"] or {}), **loop["last_eval"]})
         if _every(step, config.checkpoint_every_steps):
@@ -341,30 +235,19 @@ class _Run:
             self.writer.close()
             progress.update(self.step, force=True)
 
-    def summary(self, status: str) -> dict[str, Any]:
+    def summary(self, status: str) -> reporting.RunSummary:
         loop = self.loop
         window = loop["window"]
         last_train = window.record() if window.steps else (loop["last_train"] or {})
         last_eval = loop["last_eval"] or {}
-        summary = {
-            "status": status,
-            "step": self.step,
-            "train_loss": last_train.get("train/loss"),
-            "train_error": last_train.get("train/error"),
-            "eval_loss": last_eval.get("eval/loss"),
-            "eval_error": last_eval.get("eval/error"),
-            "wall_s": self.wall_s(),
-            "config": self.config.to_dict(),
-            "model": self.programs.model.config.to_dict(),
-            "config_history": loop["config_history"],
-            "skipped_steps": loop["skipped"],
-            "grad_spread_step0": loop["grad_spread_step0"],
-            "warnings": loop["warnings"],
-            "provenance": reporting.provenance(self.start_utc),
-        }
-        if self.nonfinite:
-            summary["nonfinite"] = self.nonfinite
-        return summary
+        return reporting.RunSummary(
+            status=status, step=self.step, train_loss=last_train.get("train/loss"),
+            train_error=last_train.get("train/error"), eval_loss=last_eval.get("eval/loss"),
+            eval_error=last_eval.get("eval/error"), wall_s=self.wall_s(),
+            config=self.config.to_dict(), model=self.programs.model.config.to_dict(),
+            config_history=loop["config_history"], skipped_steps=loop["skipped"],
+            grad_spread_step0=loop["grad_spread_step0"], warnings=loop["warnings"],
+            provenance=reporting.provenance(self.start_utc), nonfinite=self.nonfinite)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -375,9 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     See the module docstring for the files and statuses. `cache`: serve the data through a
     `resflax.data.BatchCache` shared with other runs (same batches, read once). `programs`:
-    `build_programs(config)`'s result, to share compiled programs between runs.
+    `train_setup.build_programs(config)`'s result, to share compiled programs between runs.
     """
-    check_config(config)
+    train_setup.check_config(config)
     workdir = os.fspath(workdir)
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:  # Other processes of a multi-host run share the workdir.
@@ -385,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run = _Run(config, workdir, cache, programs)
         run.restore(allow_config_change)
         status = run.run()
-        summary = run.summary(status)
+        summary = dataclasses.asdict(run.summary(status))
         if run.primary:
             reporting.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     logging.info("%s at step %d: %s", status, run.step,
@@ -409,8 +292,8 @@ def main(argv):
     lock = common.WorkdirLock(workdir)
 
     def check():  # Before anything compiles: config, dataset, workdir, resume.
-        check_config(config)
-        input_shape(config)
+        train_setup.check_config(config)
+        train_setup.input_shape(config)
         for split in (config.data.train_split, config.data.eval_split):  # Prepared offline?
             data.source(config.data.name, split, data_dir=config.data.data_dir)
         check_resume(config, workdir, allow)

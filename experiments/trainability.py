@@ -55,7 +55,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common, degradation, gradient_flow, plots as plots_lib, reporting
-from experiments import train as train_app
+from experiments import train_setup
 from resflax import data, diagnostics
 
 RESULTS_FILE = "results.json"
@@ -154,7 +154,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for net in nets(config, depths):
         run = run_config(config, net, config.seeds[0])
         try:
-            train_app.check_config(run)
+            train_setup.check_config(run)
         except ValueError as e:
             raise ValueError(f"config.methods entry {net.method!r} at depth {net.depth}: "
                              f"{e}") from None
@@ -264,7 +264,7 @@ class InitDiagnostics:
         name = model.config.to_json()
         if name not in self._programs:
             self._programs[name] = _diagnostics_program(model, self.options["slq_steps"])
-        state = programs.init(run.seed, train_app.input_shape(run))
+        state = programs.init(run.seed, train_setup.input_shape(run))
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         inputs, labels = self._batch_of(run)
         out = jax.device_get(self._programs[name](variables, inputs, labels,
@@ -477,7 +477,7 @@ def main(argv):
         common.check_workdir(flags.FLAGS.workdir)
         check_config(config)
         run = run_config(config, nets(config)[0], config.seeds[0])
-        train_app.input_shape(run)
+        train_setup.input_shape(run)
         for split in (run.data.train_split, run.data.eval_split):  # Prepared offline?
             data.source(run.data.name, split, data_dir=run.data.data_dir)
 

@@ -29,7 +29,7 @@ import ml_collections
 from ml_collections import config_dict as ml_config_dict
 
 from resflax import checks, conv, layers
-from resflax.blocks import BLOCK_KINDS, SHORTCUTS
+from resflax.blocks import BLOCK_KINDS, NORM_FREE_KINDS, SHORTCUTS
 
 FAMILIES = ("mlp", "cifar_resnet", "imagenet_resnet")
 DTYPES = {
@@ -58,6 +58,9 @@ _COMMON_DEFAULTS = dict(
     zero_init_residual=False,
     residual_scale=1.0,
     learnable_residual_scale=False,
+    activation_transform="none",
+    shaping_target=None,  # The transform's own default (`_validate_transform`).
+    nf_alpha=0.2,
     dtype="float32",
     param_dtype="float32",
     remat=False,
@@ -88,8 +91,8 @@ _TYPES = dict(
     family=str, block=str, bottleneck=bool, depth=int, width=int, layers_per_block=int,
     activation=str, init=str, weight_scale=float, bias_scale=float, norm=str, shortcut=str,
     zero_init_residual=bool, residual_scale=float, learnable_residual_scale=bool,
-    num_classes=int, dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str,
-    bn_running_var=str,
+    activation_transform=str, shaping_target=float, nf_alpha=float, num_classes=int,
+    dtype=str, param_dtype=str, remat=bool, scan=bool, conv_impl=str, bn_running_var=str,
 )
 
 
@@ -99,7 +102,8 @@ class ModelConfig:
 
     Attributes:
       family: 'mlp' | 'cifar_resnet' | 'imagenet_resnet'.
-      block: 'plain' | 'v1' | 'v2'.
+      block: 'plain' | 'v1' | 'v2' | 'fixup' (Zhang et al. 2019) | 'nf' (NF-ResNet, Brock et
+        al. 2021); the last two need norm='none' (and 'nf' shortcut 'B' or 'C').
       bottleneck: 1x1-3x3-1x1 blocks (CIFAR: depth 9n+2; ImageNet: set by the depth, from 50 on).
       depth: MLP: number of blocks L; CIFAR: weight layers 6n+2 (9n+2 bottleneck); ImageNet:
         18, 34, 50, 101, 152 or 200.
@@ -113,6 +117,18 @@ class ModelConfig:
       residual_scale: alpha, the residual branch's multiplier (its initial value if learnable).
       learnable_residual_scale: alpha is a trained scalar per block, starting at
         `residual_scale` (SkipInit / ReZero: residual_scale=0).
+      activation_transform: 'none', 'dks' (Deep Kernel Shaping, Martens et al. 2021: phi_hat(x)
+        = gamma (phi(alpha x + beta) + delta), activation one of
+        `kernel_shaping.DKS_ACTIVATIONS`) or 'tat' (Tailored Activation Transformation for
+        Leaky ReLU, Zhang et al. 2022: activation='leaky_relu' with a solved slope). Every
+        layer applies phi_hat, solved for L = `kernel_shaping.nonlinear_depth(self)` nonlinear
+        layers. Needs a plain MLP (family='mlp', block='plain', norm='none') with q-preserving
+        weights: init 'orthogonal' or 'delta_orthogonal', weight_scale=1, bias_scale=0,
+        zero_init_residual=False.
+      shaping_target: the transform's target for the whole net: DKS's xi = C_f'(1) > 1 (default
+        1.5), TAT's eta = C_f(0) in (0, 1) (default 0.9); None with activation_transform='none'.
+      nf_alpha: block='nf' only: alpha, the NF-ResNet branch multiplier (the variance grows by
+        alpha^2 per block; 0.2 in the paper).
       num_classes: outputs of the head.
       dtype, param_dtype: compute and parameter dtypes ('float32', 'bfloat16', 'float64', ...).
       remat: recompute block activations in the backward pass (memory bounded in depth).
@@ -138,6 +154,9 @@ class ModelConfig:
     zero_init_residual: bool | None = None
     residual_scale: float | None = None
     learnable_residual_scale: bool | None = None
+    activation_transform: str | None = None
+    shaping_target: float | None = None
+    nf_alpha: float | None = None
     num_classes: int | None = None
     dtype: str | None = None
     param_dtype: str | None = None
@@ -169,7 +188,7 @@ class ModelConfig:
         checks.choice("bn_running_var", self.bn_running_var, layers.BN_RUNNING_VARS)
         for name in ("depth", "width", "num_classes"):
             checks.integer(name, getattr(self, name), 1)
-        for name in ("weight_scale", "bias_scale"):
+        for name in ("weight_scale", "bias_scale", "nf_alpha"):
             self._set(name, checks.number(name, getattr(self, name), 0.0, finite=True))
         if isinstance(self.residual_scale, str):
             raise ValueError(
@@ -189,6 +208,7 @@ class ModelConfig:
                 f"{what} needs a skip connection: use block='v1' or 'v2' (a plain block has "
                 "residual_scale=1.0)"
             )
+        self._validate_norm_free()
         if self.family == "mlp":
             if self.bottleneck:
                 raise ValueError("bottleneck=True is not supported for family='mlp'; allowed: False")
@@ -213,12 +233,85 @@ class ModelConfig:
                     )
                 self._set("bottleneck", wanted)
         self.stage_sizes()  # Validates the depth.
+        self._validate_transform()
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) == "float64" and not jax.config.read("jax_enable_x64"):
                 raise ValueError(
                     f"{name}='float64' needs 64-bit JAX: "
                     "jax.config.update('jax_enable_x64', True) before building the model"
                 )
+
+    def _validate_transform(self) -> None:
+        """`activation_transform` and `shaping_target`: where kernel shaping's theory holds,
+        and that the transform exists at this depth (solving it; cached)."""
+        # Imported here: kernel_shaping -> theory -> config.
+        from resflax import kernel_shaping
+
+        transform = checks.choice("activation_transform", self.activation_transform,
+                                  kernel_shaping.TRANSFORMS)
+        if transform == "none":
+            if self.shaping_target is not None:
+                raise ValueError(
+                    f"shaping_target={self.shaping_target!r} applies only with "
+                    "activation_transform='dks' or 'tat' (activation_transform='none')")
+            return
+        if self.shaping_target is None:
+            self._set("shaping_target", kernel_shaping.DEFAULT_TARGETS[transform])
+        target = checks.number("shaping_target", self.shaping_target, finite=True)
+        self._set("shaping_target", target)
+        if transform == "dks" and not target > 1.0:
+            raise ValueError(f"shaping_target={target!r} must be a number > 1 with "
+                             "activation_transform='dks' (xi, the compound C-map slope C_f'(1))")
+        if transform == "tat" and not 0.0 < target < 1.0:
+            raise ValueError(f"shaping_target={target!r} must be in (0, 1) with "
+                             "activation_transform='tat' (eta, the compound C-map value C_f(0))")
+        why = f"with activation_transform={transform!r}"
+        activations = (kernel_shaping.DKS_ACTIVATIONS if transform == "dks"
+                       else kernel_shaping.TAT_ACTIVATIONS)
+        requirements = (
+            # (field, allowed values, why): the theory's assumptions (kernel_shaping docstring).
+            ("family", ("mlp",), "kernel shaping is implemented for plain MLPs"),
+            ("block", ("plain",), "no skip connections"),
+            ("norm", ("none",), "no normalization layers"),
+            ("init", ("orthogonal", "delta_orthogonal"),
+             "q-preserving orthogonal weights at init"),
+            ("weight_scale", (1.0,), "orthogonal weights of gain 1 keep q"),
+            ("bias_scale", (0.0,), "no biases at init"),
+            ("zero_init_residual", (False,), "a zero last layer would cut the signal"),
+            ("activation", activations,
+             "DKS needs a smooth activation" if transform == "dks" else "TAT for Leaky ReLU"),
+        )
+        for name, allowed, reason in requirements:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported {why} ({reason}); "
+                                 f"allowed values: {list(allowed)}")
+        kernel_shaping.for_config(self)  # ValueError 'shaping_target=...' if unreachable.
+    def _validate_norm_free(self) -> None:
+        """Fixup and NF-ResNets replace normalization and set their own branch multiplier."""
+        if self.block not in NORM_FREE_KINDS:
+            return
+        if self.norm != "none":
+            raise ValueError(
+                f"norm={self.norm!r} is not supported with block={self.block!r} (it replaces "
+                "normalization); allowed values: ['none']"
+            )
+        if self.block == "nf" and self.shortcut not in ("B", "C"):
+            raise ValueError(
+                f"shortcut={self.shortcut!r} is not supported with block='nf' (a transition "
+                "block must project its unit-variance input); allowed values: ['B', 'C']"
+            )
+        own = "the 'scale' multiplier (init 1)" if self.block == "fixup" else "nf_alpha"
+        if self.learnable_residual_scale:
+            raise ValueError(
+                f"learnable_residual_scale=True is not supported with block={self.block!r} "
+                f"(its branch multiplier is {own}); allowed values: [False]"
+            )
+        if self.residual_scale != 1.0:
+            raise ValueError(
+                f"residual_scale={self.residual_scale!r} is not supported with "
+                f"block={self.block!r} (its branch multiplier is {own}); allowed values: [1.0]"
+            )
 
     # ----- derived, pure -----
 
@@ -229,8 +322,9 @@ class ModelConfig:
         if self.family == "cifar_resnet":
             per_block = 9 if self.bottleneck else 6
             if self.depth < per_block + 2 or (self.depth - 2) % per_block:
+                # Each rule names the other one's `bottleneck`, so flipping it is named too.
                 rule = "9n+2 (bottleneck: 11, 164, 1001, ...)" if self.bottleneck else (
-                    "6n+2 (8, 20, 32, 44, 56, 110, 1202, ...)")
+                    "6n+2 (8, 20, 32, 44, 56, 110, 1202, ...; bottleneck=True: 9n+2)")
                 raise ValueError(
                     f"depth={self.depth} is not valid for family='cifar_resnet': must be {rule}")
             return ((self.depth - 2) // per_block,) * 3
@@ -271,9 +365,13 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with `changes`; a changed `family` restarts from that family's defaults for
-        every field not in `changes`."""
+        every field not in `changes`; a changed `activation_transform` takes its own default
+        `shaping_target` unless that is in `changes` too."""
         if "family" in changes and changes["family"] != self.family:
             return ModelConfig.from_dict(changes)
+        if changes.get("activation_transform", self.activation_transform) != (
+                self.activation_transform) and "shaping_target" not in changes:
+            changes = dict(changes, shaping_target=None)  # The new transform's default.
         return dataclasses.replace(self, **changes)
 
 

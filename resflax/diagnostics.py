@@ -148,12 +148,15 @@ def _block_variables(variables: Mapping, path: tuple[str, ...]) -> dict:
     return found
 
 
-def _apply_block(factory: Callable[..., Any], variables: Mapping, x: Array, train: bool) -> Array:
+def _apply_block(factory: Callable[..., Any], variables: Mapping, x: Array, train: bool,
+                 beta: Array | None = None) -> Array:
+    """One block on `x`; `beta`: an 'nf' block's input scale (`models.Segment.betas`)."""
     block = factory()
+    args = (x, train) if beta is None else (x, train, beta)
     if train:
-        y, _ = block.apply(variables, x, train, mutable=["batch_stats"])
+        y, _ = block.apply(variables, *args, mutable=["batch_stats"])
         return y
-    return block.apply(variables, x, train)
+    return block.apply(variables, *args)
 
 
 def _concat(per_segment: list[Array]) -> Array:
@@ -510,10 +513,12 @@ def block_jacobian_statistics(
         # Block l's random probes come from fold_in(key, l): the same with or without scan.
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_block + jnp.arange(length))
         dim = inputs[0, 0].size
+        # Each 'nf' block's own beta, mapped with its variables (None for the other kinds).
+        betas = None if seg.betas is None else jnp.asarray(seg.betas, jnp.float32)
 
         def one_block(args, factory=factory):
-            bvars, x, bkey = args
-            f = lambda z: _apply_block(factory, bvars, z, options.train)
+            bvars, x, bkey, beta = args
+            f = lambda z: _apply_block(factory, bvars, z, options.train, beta)
             kf, ks = jax.random.split(bkey)
             jvp_fn, vjp_fn = _linear_maps(f, x)
             fro_sq, se_sq, _ = _fro_sq(jvp_fn, x, kf, options)
@@ -527,7 +532,8 @@ def block_jacobian_statistics(
             )
 
         out = jax.lax.map(
-            one_block, (block_vars, inputs, keys), batch_size=min(options.layer_batch, length)
+            one_block, (block_vars, inputs, keys, betas),
+            batch_size=min(options.layer_batch, length)
         )
         for acc, value in zip((fro, stderr, spectral, change, iters), out):
             acc.append(value)

@@ -328,6 +328,65 @@ def norm(name: str) -> Callable[..., nn.Module]:
 # Convolution: the one conv layer of every block and stem.
 
 
+class ScalarShift(nn.Module):
+    """`x + b` with one learnable scalar `bias` (init 0): Fixup's biases (Zhang et al. 2019)."""
+
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bias = self.param("bias", nn.initializers.zeros, (), self.param_dtype)
+        return x + bias.astype(self.dtype or x.dtype)
+
+
+def standardize_kernel(kernel: Array, gain: Array, epsilon: float = 1e-4) -> Array:
+    """Scaled weight standardization (Brock, De & Smith 2021, eq. 7; deepmind nfnets' WSConv2D).
+
+    `W_hat = gain * (W - mean(W)) / (std(W) sqrt(N))`, the mean and (biased) std taken per
+    output unit over its fan-in (every axis but the last), `N = fan_in`. So each unit's row has
+    zero mean and `sum W_hat^2 = gain^2`: for inputs of variance v, independent across the
+    fan-in, the output variance is `gain^2 v` whatever their mean (zero-mean rows cancel it).
+    `var * N` is floored at `epsilon` (the reference's), so an all-zero kernel stays 0.
+
+    Args:
+      kernel: `[in, out]` or `[kh, kw, in, out]`.
+      gain: `[out]`.
+    Returns:
+      `W_hat`, the shape of `kernel`.
+    """
+    axes = tuple(range(kernel.ndim - 1))
+    fan_in = math.prod(kernel.shape[:-1])
+    mean = jnp.mean(kernel, axes, keepdims=True)
+    var = jnp.var(kernel, axes, keepdims=True)
+    return (kernel - mean) * jax.lax.rsqrt(jnp.maximum(var * fan_in, epsilon)) * gain
+
+
+class StandardizedDense(nn.Module):
+    """Dense layer with a scaled-weight-standardized kernel (`standardize_kernel`): `x [B, in]
+    -> [B, features]`; parameters `kernel [in, features]`, `gain [features]` (init 1), `bias`."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                            self.param_dtype)
+        gain = self.param("gain", nn.initializers.ones, (self.features,), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        # Standardized in the parameter dtype (float32 by default), then cast to compute.
+        kernel = standardize_kernel(kernel, gain)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = x @ kernel
+        return y if bias is None else y + bias
+
+
 class Conv(nn.Module):
     """2-D convolution, NHWC input and HWIO kernel: `x [B, H, W, C_in] -> [B, H', W', features]`.
 
@@ -336,6 +395,9 @@ class Conv(nn.Module):
     derivatives of every order stay canonical convolutions, so that XLA:CPU runs them on its fast
     kernels inside `nn.scan` and the diagnostics' loops too. `impl`: 'auto' (that convolution on
     CPU, `lax.conv_general_dilated` on GPU/TPU), 'canonical' or 'xla'.
+
+    `standardize=True`: scaled weight standardization (`standardize_kernel`) with a learnable
+    per-output gain `gain [features]` (init 1), the NF-ResNets' WSConv2D.
     """
 
     features: int
@@ -346,6 +408,7 @@ class Conv(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
     impl: str = "auto"
+    standardize: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -353,6 +416,9 @@ class Conv(nn.Module):
     def __call__(self, x: Array) -> Array:
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        if self.standardize:
+            gain = self.param("gain", nn.initializers.ones, (self.features,), self.param_dtype)
+            kernel = standardize_kernel(kernel, gain)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resflax import layers
+from resflax import layers, theory
 from resflax.stems import STEMS, layer_kit
 from resflax.blocks import BOTTLENECK_EXPANSION, Block
 from resflax.config import ModelConfig
@@ -57,6 +57,7 @@ class StagePlan:
       separate_first: the first block stands apart (it reshapes, or is a v2 first unit).
       first_preact: where that first block's v2 pre-activation sits (`blocks.PREACTS`).
       num_repeated: blocks after it (all of them when `separate_first` is False).
+      first_reshapes: the first block changes the shape (stride, width or expansion).
     """
 
     width: int
@@ -64,17 +65,20 @@ class StagePlan:
     separate_first: bool
     first_preact: str
     num_repeated: int
+    first_reshapes: bool = False
 
 
 class Segment(NamedTuple):
     """A signal segment after `x_0`: `length` outputs of the block `block()` (an unbound
     `Block`), whose variables sit at `path` (stacked on a leading axis of `length` if
-    `stacked`)."""
+    `stacked`). `betas`: block kind 'nf' only, each block's `beta` (`nf_betas`), `length` of
+    them, passed as `block(x, train, beta)`; None for the other kinds."""
 
     path: tuple[str, ...]
     block: Callable[[], Block]
     length: int
     stacked: bool
+    betas: tuple[float, ...] | None = None
 
 
 def _first_preact(config: ModelConfig, stage: int) -> str:
@@ -102,9 +106,30 @@ def stage_plan(config: ModelConfig) -> tuple[StagePlan, ...]:
         reshapes = strides != 1 or in_features != width * expansion
         first_preact = _first_preact(config, s)
         separate = reshapes or first_preact != "residual"
-        plans.append(StagePlan(width, strides, separate, first_preact, n - 1 if separate else n))
+        plans.append(StagePlan(width, strides, separate, first_preact, n - 1 if separate else n,
+                               reshapes))
         in_features = width * expansion
     return tuple(plans)
+
+
+def nf_betas(config: ModelConfig) -> tuple[float, ...]:
+    """`beta_l` of blocks `l = 1..L` of an NF-ResNet (`block='nf'`): the predicted std of each
+    block's input (Brock, De & Smith 2021, section 4; the reference's `expected_std`).
+
+    With `Var(x_0) = 1` (the weight-standardized stem on unit-variance inputs):
+    `beta_l = sqrt(Var(x_{l-1}))`, `Var(x_l) = Var(x_{l-1}) + alpha^2`, except after a block
+    whose shortcut projects `g(x_{l-1} / beta_l)` (unit variance): `Var(x_l) = 1 + alpha^2`.
+    Pure: a function of the config alone (any block kind; only 'nf' uses it).
+    """
+    alpha2, var, betas = config.nf_alpha**2, 1.0, []
+    for plan in stage_plan(config):
+        firsts = [plan.first_reshapes] + [False] * (plan.num_repeated if plan.separate_first
+                                                    else plan.num_repeated - 1)
+        for reshapes in firsts:
+            betas.append(var**0.5)
+            projects = config.shortcut == "C" or (config.shortcut == "B" and reshapes)
+            var = (1.0 if projects else var) + alpha2
+    return tuple(betas)
 
 
 def block_factory(config: ModelConfig, freeze_norm_stats: bool = False) -> Callable[..., Block]:
@@ -126,24 +151,45 @@ def block_factory(config: ModelConfig, freeze_norm_stats: bool = False) -> Calla
         residual_scale=config.residual_scale,
         learnable_residual_scale=config.learnable_residual_scale,
         conv_impl=config.conv_impl,
+        num_branches=config.num_blocks,
+        nf_alpha=config.nf_alpha,
+        nf_gamma=theory.nf_gamma(config.activation) if config.block == "nf" else 1.0,
         **kit["dtypes"],
     )
 
 
-def _stage_segments(plan: StagePlan, make_block: Callable[..., Block], scan: bool):
-    """(path within the stage, block factory, length, stacked) of each segment of a stage."""
-    specs = []
+def _stage_segments(plan: StagePlan, make_block: Callable[..., Block], scan: bool,
+                    betas: Sequence[float] | None = None):
+    """The `Segment`s of a stage (paths within the stage); `betas`: its blocks' (kind 'nf')."""
+    def cut(start, n):
+        return None if betas is None else tuple(betas[start:start + n])
+
+    specs, k = [], 0
     if plan.separate_first:
         first = functools.partial(make_block, width=plan.width, strides=plan.strides,
                                   preact=plan.first_preact)
-        specs.append(Segment(("first", "block"), first, 1, False))
+        specs.append(Segment(("first", "block"), first, 1, False, cut(0, 1)))
+        k = 1
     repeated = functools.partial(make_block, width=plan.width, strides=1)
     if scan and plan.num_repeated:
-        specs.append(Segment(("rest", "block"), repeated, plan.num_repeated, True))
+        specs.append(Segment(("rest", "block"), repeated, plan.num_repeated, True,
+                             cut(k, plan.num_repeated)))
     else:
-        specs += [Segment((f"rest_{i}", "block"), repeated, 1, False)
+        specs += [Segment((f"rest_{i}", "block"), repeated, 1, False, cut(k + i, 1))
                   for i in range(plan.num_repeated)]
     return specs
+
+
+def _all_stage_segments(config: ModelConfig, make_block: Callable[..., Block]):
+    """`[_stage_segments(...)]` of every stage, with each block's beta for kind 'nf'."""
+    betas = nf_betas(config) if config.block == "nf" else None
+    out, k = [], 0
+    for plan in stage_plan(config):
+        n = int(plan.separate_first) + plan.num_repeated
+        out.append(_stage_segments(plan, make_block, config.scan,
+                                   None if betas is None else betas[k:k + n]))
+        k += n
+    return out
 
 
 def segments(config: ModelConfig, freeze_norm_stats: bool = False) -> tuple[Segment, ...]:
@@ -151,9 +197,19 @@ def segments(config: ModelConfig, freeze_norm_stats: bool = False) -> tuple[Segm
     make_block = block_factory(config, freeze_norm_stats)
     return tuple(
         seg._replace(path=(f"stages_{s}",) + seg.path)
-        for s, plan in enumerate(stage_plan(config))
-        for seg in _stage_segments(plan, make_block, config.scan)
+        for s, stage in enumerate(_all_stage_segments(config, make_block))
+        for seg in stage
     )
+
+
+STACKED_SCOPE = "rest"  # The scope of a stage's scanned stack (`_stage_segments`).
+
+
+def is_stacked_path(path: Sequence[Any]) -> bool:
+    """A parameter tree path (`jax.tree_util` keys or strings) lies in a scanned stack, its
+    leaves stacked on a leading layer axis: some key is `STACKED_SCOPE` (unrolled blocks are
+    `rest_0`, `rest_1`, ...)."""
+    return any(getattr(k, "key", getattr(k, "name", k)) == STACKED_SCOPE for k in path)
 
 
 def per_block_sums(config: ModelConfig, tree: Mapping,
@@ -196,14 +252,18 @@ def block_location(config: ModelConfig, index: int) -> str:
 
 
 class _ScanStep(nn.Module):
-    """`nn.scan` body: `(x, perturbation) -> (y, y)` with `y = block(x) + perturbation`."""
+    """`nn.scan` body: `(x, (perturbation, beta)) -> (y, y)` with
+    `y = block(x, beta) + perturbation`; `beta` (kind 'nf', else None) is a scanned input, so
+    every layer of a stack gets its own."""
 
     block_fn: Callable[..., nn.Module]
     train: bool
 
     @nn.compact
-    def __call__(self, x: Array, perturbation: Array | None) -> tuple[Array, Array]:
-        y = self.block_fn(name="block")(x, self.train)
+    def __call__(self, x: Array, inputs) -> tuple[Array, Array]:
+        perturbation, beta = inputs
+        block = self.block_fn(name="block")
+        y = block(x, self.train) if beta is None else block(x, self.train, beta)
         if perturbation is not None:
             y = y + perturbation
         return y, y
@@ -230,16 +290,19 @@ class Stage(nn.Module):
                     split_rngs={"params": True},
                     length=seg.length,
                 )
-                x, ys = scanned(step, x, pert)
+                betas = None if seg.betas is None else jnp.asarray(seg.betas, jnp.float32)
+                x, ys = scanned(step, x, (pert, betas))
             else:
-                x, y = step(x, None if pert is None else pert[0])
+                beta = None if seg.betas is None else seg.betas[0]
+                x, y = step(x, (None if pert is None else pert[0], beta))
                 ys = y[None]
             outputs.append(ys)
         return x, outputs
 
 
 class Network(nn.Module):
-    """stem -> stages -> (final norm + activation for v2) -> global average pool -> dense head.
+    """stem -> stages -> (final norm + activation for v2; gamma-scaled activation for nf) ->
+    global average pool -> (Fixup's scalar `head_shift`) -> dense head (zero-init for Fixup).
 
     Attributes:
       config: the `ModelConfig`.
@@ -261,13 +324,18 @@ class Network(nn.Module):
         self.stem = STEMS[config.family](config, self.freeze_norm_stats)
         make_block = block_factory(config, self.freeze_norm_stats)
         self.stages = [
-            Stage(tuple(_stage_segments(plan, make_block, config.scan)), config.remat)
-            for plan in stage_plan(config)
+            Stage(tuple(segs), config.remat) for segs in _all_stage_segments(config, make_block)
         ]
         if config.block == "v2":
             self.final_norm = kit["norm"](**kit["dtypes"])
-        self.head = nn.Dense(config.num_classes, kernel_init=kit["kernel_init"],
-                             bias_init=kit["bias_init"], **kit["dtypes"])
+        fixup = config.block == "fixup"
+        if fixup:  # Fixup's scalar bias before the classifier (the reference's `bias2`).
+            self.head_shift = layers.ScalarShift(**kit["dtypes"])
+        # Fixup: the classification layer's weight and bias start at 0 (Algorithm 1, step 1).
+        zeros = nn.initializers.zeros
+        self.head = nn.Dense(config.num_classes,
+                             kernel_init=zeros if fixup else kit["kernel_init"],
+                             bias_init=zeros if fixup else kit["bias_init"], **kit["dtypes"])
 
     def embed(self, inputs: Array, train: bool = False) -> Array:
         """x_0 = stem(inputs); inputs `[B, H, W, C]` (conv) or `[B, ...]` (MLP, flattened)."""
@@ -285,10 +353,16 @@ class Network(nn.Module):
 
     def readout(self, x_last: Array, train: bool = False) -> Array:
         """logits `[B, num_classes]` from `x_L`."""
-        if self.config.block == "v2":
-            x_last = layers.activation(self.config.activation)(self.final_norm(x_last, train))
+        config = self.config
+        if config.block == "v2":
+            x_last = layers.activation(config.activation)(self.final_norm(x_last, train))
+        if config.block == "nf":  # The reference's final (gamma-scaled) activation.
+            x_last = layers.activation(config.activation)(x_last) * theory.nf_gamma(
+                config.activation)
         if x_last.ndim == 4:
             x_last = jnp.mean(x_last, axis=(1, 2))
+        if config.block == "fixup":
+            x_last = self.head_shift(x_last)
         return self.head(x_last)
 
     def __call__(self, inputs: Array, train: bool = False, perturbations=None):

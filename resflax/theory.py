@@ -36,7 +36,10 @@ and the graded panels resolve the width-1/sqrt(q) transition of saturating activ
 q up to ~1e16. Measured against an independent integrator: < 1e-13 relative error at
 num_points = 16 for q in [1e-4, 1e6]. Plain Gauss-Hermite (`numpy.polynomial.hermite.hermgauss`)
 is not used: with 100-101 points it is off by 6% for E[relu'^2] when a node sits on the kink,
-by 1e-3..1e-1 for elu/selu, and by ~5e-2 for tanh/erf at q = 100.
+by 1e-3..1e-1 for elu/selu, and by ~5e-2 for tanh/erf at q = 100. `gaussian_expectation`
+can grade the rule at another kink (`kink`, e.g. relu(x - k)). The kernel map `c_map`,
+E[phi(u) phi(v)] at correlation c, is Gauss-Legendre in polar coordinates about the crossing of
+the two kink lines (Deep Kernel Shaping's C-map; `resflax.kernel_shaping`).
 """
 
 from __future__ import annotations
@@ -116,44 +119,57 @@ def _x64():
 
 
 @functools.lru_cache(maxsize=None)
-def _rule(num_points: int) -> tuple[np.ndarray, np.ndarray]:
+def _rule(num_points: int, split: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Nodes z and weights w with sum_i w_i f(z_i) ~= E[f(z)], z ~ N(0, 1).
 
     Composite Gauss-Legendre, `num_points` nodes per panel, on the geometrically graded panels
-    [0, b_K], [b_K, b_{K-1}], ..., [b_1, b_0] with b_k = _Z_MAX 2^-k, K = _NUM_PANELS - 1, of
-    each half-line, weights times the normal density. Shape [2 * _NUM_PANELS * num_points].
+    `split + R [2^-(k+1), 2^-k]` (k = 0 .. _NUM_PANELS - 1) and the innermost `[0, R 2^-K]` of
+    each side of `split`, R = _Z_MAX + |split| (so the rule reaches |z| = _Z_MAX on both
+    sides), weights times the normal density. split = 0 is the rule of the module docstring;
+    another split puts the grading, and so the exponential convergence for a function smooth on
+    each side, at a kink there. Shape [2 * _NUM_PANELS * num_points].
     """
     x, w = leggauss(num_points)
-    edges = np.concatenate([[0.0], _Z_MAX * 2.0 ** -np.arange(_NUM_PANELS - 1, -1, -1.0)])
-    lo, hi = edges[:-1, None], edges[1:, None]
-    t = (lo + 0.5 * (hi - lo) * (x + 1.0)).ravel()
-    w = (0.5 * (hi - lo) * w).ravel() * np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-    return np.concatenate([-t[::-1], t]), np.concatenate([w[::-1], w])
+    offsets = (_Z_MAX + abs(split)) * 2.0 ** -np.arange(_NUM_PANELS - 1, -1, -1.0)
+    sides = []
+    for sign in (-1.0, 1.0):
+        edges = np.concatenate([[0.0], offsets])
+        lo, hi = edges[:-1, None], edges[1:, None]
+        t = split + sign * (lo + 0.5 * (hi - lo) * (x + 1.0)).ravel()
+        sides.append((t, (0.5 * (hi - lo) * w).ravel() * np.exp(-0.5 * t * t)))
+    (z_left, w_left), (z_right, w_right) = sides
+    z = np.concatenate([z_left[::-1], z_right])
+    return z, np.concatenate([w_left[::-1], w_right]) / math.sqrt(2.0 * math.pi)
 
 
 def gaussian_expectation(
-    f: Callable[[Any], Any], q: float = 1.0, num_points: int = NUM_POINTS
+    f: Callable[[Any], Any], q: float = 1.0, num_points: int = NUM_POINTS, *, kink: float = 0.0
 ) -> float:
-    """E_z[f(sqrt(q) z)], z ~ N(0, 1), by Gauss quadrature split at 0 (see module docstring).
+    """E_z[f(sqrt(q) z)], z ~ N(0, 1), by Gauss quadrature split at `kink` (module docstring).
 
     `f` is elementwise and vectorised: it is called once on a float64 array of all nodes (jax
     callables run in float64 here) and must return an array of the same shape. Exact for
-    polynomials and for piecewise polynomials with their only kink at 0 (e.g. |x|).
+    polynomials and for piecewise polynomials whose only kink is at x = `kink` (e.g. |x|).
 
     Args:
       f: elementwise function, float64 array [n] -> array [n] (numpy or jax).
-      q: the variance of the Gaussian argument, a finite real >= 0.
+      q: the variance of the Gaussian argument, a finite real >= 0 (> 0 if `kink` != 0).
       num_points: Gauss-Legendre nodes per quadrature panel (module docstring), >= 1.
+      kink: the argument x = sqrt(q) z at which `f` may be non-smooth (the one point the rule
+        is graded towards); 0 for every registry activation, -beta/alpha for phi(alpha x + beta).
 
     Returns:
       `sum_i w_i f(sqrt(q) z_i) ~= E_z[f(sqrt(q) z)]`, a Python float.
 
     Raises:
-      ValueError: `q` or `num_points` out of range, or `f` not elementwise (wrong shape).
+      ValueError: `q`, `num_points` or `kink` out of range, or `f` not elementwise (wrong shape).
     """
     q = _number(q, "q")
     num_points = _count(num_points, "num_points", low=1)
-    z, w = _rule(num_points)
+    kink = _number(kink, "kink", low=-math.inf)
+    if kink != 0.0 and q == 0.0:
+        raise ValueError(f"q=0.0 must be > 0 with kink={kink!r}")
+    z, w = _rule(num_points, kink / math.sqrt(q) if kink else 0.0)
     with _x64():
         values = np.asarray(f(math.sqrt(q) * z), dtype=np.float64)
     if values.shape != z.shape:
@@ -214,6 +230,116 @@ def moments(activation: Activation, q: float, num_points: int = NUM_POINTS) -> M
     num_points = _count(num_points, "num_points", low=1)
     with _x64():
         return Moments(*(float(v) for v in _moments_fn(phi, num_points)(_sqrt(q))))
+
+
+@functools.lru_cache(maxsize=None)
+def nf_gamma(activation: str) -> float:
+    """NF-ResNets' activation gain `gamma = 1 / sqrt(Var(phi(z)))`, z ~ N(0, 1) (Brock, De &
+    Smith 2021, section 4.1): `gamma * phi` of a unit Gaussian has unit variance, which a
+    weight-standardized (zero-mean) layer passes on whatever its mean.
+
+    ReLU in closed form, `sqrt(2 / (1 - 1/pi))` (Var(relu(z)) = (1 - 1/pi) / 2), the others by
+    quadrature (`moments`). Raises ValueError for an unknown name or a constant activation.
+    """
+    if activation == "relu":
+        return math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
+    # Models ask for it while they are traced (init under jit): evaluate here and now, so the
+    # result is a Python float, not a tracer of the caller's program.
+    with jax.ensure_compile_time_eval():
+        m = moments(activation, 1.0)
+    var = m.phi_sq - m.phi**2
+    if not var > 0:
+        raise ValueError(f"activation={activation!r} has zero variance on N(0, 1); no NF gain")
+    return 1.0 / math.sqrt(var)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel (C-) map: the covariance of phi at two correlated Gaussian inputs.
+
+
+def c_map(
+    activation: Activation,
+    c: float,
+    q: float = 1.0,
+    num_points: int = NUM_POINTS,
+    *,
+    kink: float = 0.0,
+) -> float:
+    """E[phi(u) phi(v)] for (u, v) centred Gaussian, Var u = Var v = q, correlation c.
+
+    With q = 1 and Q(1) = E[phi(z)^2] = 1 this is the local C-map of Martens et al. 2021 (Deep
+    Kernel Shaping), the correlation of two outputs of a layer whose inputs have correlation c;
+    in general it is q-weighted kernel of Poole et al. 2016 (divide by E[phi(sqrt(q) z)^2] for a
+    correlation). c = 1 is E[phi(sqrt(q) z)^2].
+
+    Quadrature: write u = sqrt(q) z1, v = sqrt(q) (c z1 + s z2), s = sqrt(1 - c^2), (z1, z2)
+    standard normal. The kinks u = kink and v = kink are two lines of the z-plane that cross at
+    p = (kink / sqrt(q)) (1, (1 - c) / s); in polar coordinates about p, z = p + r (cos t, sin t),
+    the integrand is smooth on each of the four angular sectors between the lines (t = +-pi/2
+    and t = arccos(c) +- pi/2) and, along each ray, in r. So: 4 num_points Gauss-Legendre nodes
+    per sector times num_points nodes on each of the graded radial panels of the 1-D rule (up
+    to r = _Z_MAX + |p|), with the density exp(-|z|^2 / 2) / (2 pi) and the Jacobian r. Exact
+    for piecewise polynomials with their kink at `kink` up to the radial cut-off; against
+    closed forms (relu, leaky relu, erf) and Gauss-Hermite (smooth activations) < 1e-12 at
+    q = 1 (tests/test_kernel_shaping.py). Saturating activations at very large q need more
+    angular nodes (a transition of width 1/sqrt(q) about each kink line).
+
+    Args:
+      activation: a name in `resflax.layers.ACTIVATIONS` or an elementwise jax callable phi.
+      c: the input correlation, in [-1, 1] ((-1, 1] if `kink` != 0).
+      q: the input variance, a finite real > 0.
+      num_points: Gauss-Legendre nodes per panel, >= 1.
+      kink: the one argument at which phi may be non-smooth (0 for registry activations).
+
+    Returns:
+      E[phi(u) phi(v)], a Python float.
+
+    Raises:
+      ValueError: an argument out of range or an unknown activation.
+    """
+    phi = _activation(activation)
+    c = _number(c, "c", low=-1.0)
+    q = _number(q, "q")
+    kink = _number(kink, "kink", low=-math.inf)
+    num_points = _count(num_points, "num_points", low=1)
+    if c > 1.0 or q == 0.0:
+        raise ValueError(f"c={c!r} must be in [-1, 1] and q={q!r} > 0")
+    if c == 1.0:
+        return gaussian_expectation(lambda x: phi(x) ** 2, q, num_points, kink=kink)
+    if c == -1.0:
+        if kink != 0.0:
+            raise ValueError(f"c=-1.0 needs kink=0.0 (got kink={kink!r})")
+        return gaussian_expectation(lambda x: phi(x) * phi(-x), q, num_points)
+    z1, z2, w = _polar_rule(num_points, c, kink / math.sqrt(q))
+    root_q, s = math.sqrt(q), math.sqrt(1.0 - c * c)
+    with _x64():
+        values = np.asarray(phi(root_q * z1) * phi(root_q * (c * z1 + s * z2)), np.float64)
+    return float(w @ values)
+
+
+def _polar_rule(num_points: int, c: float, kink: float) -> tuple[np.ndarray, ...]:
+    """Nodes (z1, z2) and weights of `c_map`'s rule for E[f(z1, z2)], (z1, z2) ~ N(0, I)."""
+    s = math.sqrt(1.0 - c * c)
+    centre = np.array([kink, kink * (1.0 - c) / s])
+    theta0 = math.acos(c)
+    cuts = np.sort(np.mod([0.5 * math.pi, 1.5 * math.pi, theta0 + 0.5 * math.pi,
+                           theta0 + 1.5 * math.pi], 2.0 * math.pi))
+    cuts = np.append(cuts, cuts[0] + 2.0 * math.pi)
+    x, wx = leggauss(4 * num_points)
+    lo, hi = cuts[:-1, None], cuts[1:, None]
+    angle = (lo + 0.5 * (hi - lo) * (x + 1.0)).ravel()
+    angle_w = (0.5 * (hi - lo) * wx).ravel()
+    x, wx = leggauss(num_points)
+    edges = np.concatenate(
+        [[0.0], (_Z_MAX + np.linalg.norm(centre)) * 2.0 ** -np.arange(_NUM_PANELS - 1, -1, -1.0)])
+    lo, hi = edges[:-1, None], edges[1:, None]
+    r = (lo + 0.5 * (hi - lo) * (x + 1.0)).ravel()
+    r_w = (0.5 * (hi - lo) * wx).ravel()
+    z1 = centre[0] + r[:, None] * np.cos(angle)[None, :]
+    z2 = centre[1] + r[:, None] * np.sin(angle)[None, :]
+    density = np.exp(-0.5 * (z1 * z1 + z2 * z2)) / (2.0 * math.pi)
+    w = (r_w * r)[:, None] * angle_w[None, :] * density
+    return z1.ravel(), z2.ravel(), w.ravel()
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,7 +840,9 @@ def predict(
     (`plain_mlp_curves`) or block='v2', norm in {'none', 'batch'} with a fixed (not learnable)
     residual_scale (`residual_mlp_curves`, alpha = residual_scale). sigma_w2 =
     `effective_sigma_w2(init, weight_scale, width, width)`, sigma_b2 = bias_scale^2 (unused with
-    batch norm: no bias). Other fields are assumed at their defaults (batch-norm scale 1).
+    batch norm: no bias). With `activation_transform` set, phi is the transformed activation
+    (`resflax.kernel_shaping.activation_for`). Other fields are assumed at their defaults
+    (batch-norm scale 1).
 
     Args:
       config: a `resflax.ModelConfig`.
@@ -743,7 +871,12 @@ def predict(
         sigma_b2 = 0.0  # Normalized branches have no bias.
     else:
         sigma_b2 = f["bias_scale"] ** 2
-    args = (f["activation"], sigma_w2, sigma_b2, f["depth"], fwd_sq0, act_grad_sq_last)
+    # Imported here: kernel_shaping -> theory. The net's activation: phi, or its transform.
+    from resflax import kernel_shaping
+
+    activation = (f["activation"] if f["activation_transform"] == "none"
+                  else kernel_shaping.activation_for(config))
+    args = (activation, sigma_w2, sigma_b2, f["depth"], fwd_sq0, act_grad_sq_last)
     if plain:
         curves = plain_mlp_curves(*args, num_points=num_points)
     else:

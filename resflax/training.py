@@ -52,7 +52,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from resflax import checks, parallel
-from resflax.models import block_location, build_model, per_block_norms, per_block_sums
+from resflax.models import (block_location, build_model, is_stacked_path, per_block_norms,
+                            per_block_sums)
 from resflax.layers import lookup
 
 Array = jax.Array
@@ -128,6 +129,36 @@ DECAY_MASKS: dict[str, Any] = {
 }
 
 
+def _layerwise_unitwise_norm(x: Array, stacked: bool) -> Array:
+    """optax's unit-wise norm (`x`'s shape, each unit's L2 norm broadcast over it), taken per
+    layer of a scanned stack: its leading axis indexes layers, not fan-in, and a slice is
+    exactly the unrolled layer's parameter."""
+    norm = optax.transforms.unitwise_norm
+    return jax.vmap(norm)(x) if stacked else norm(x)
+
+
+def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:
+    """`optax.adaptive_grad_clip` (Brock et al. 2021: each unit's `||g_i|| <= clipping *
+    max(||w_i||, eps)`), with the units of a scanned stack's parameters (under a `rest` scope,
+    leading layer axis) taken per layer, so a `scan=True` net clips exactly as its unrolled
+    twin. optax alone would take a stacked dense kernel `[n, in, out]`'s units along the layer
+    axis and a stacked conv kernel `[n, kh, kw, in, out]`'s over layers and fan-in together."""
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("adaptive_grad_clip needs params: tx.update(grads, state, params)")
+
+        def clip(path, g, p):
+            stacked = is_stacked_path(path)
+            g_norm = _layerwise_unitwise_norm(g, stacked)
+            max_norm = clipping * jnp.maximum(_layerwise_unitwise_norm(p, stacked), eps)
+            return optax.transforms.unitwise_clip(g_norm, max_norm, g)
+
+        return jax.tree_util.tree_map_with_path(clip, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def _nesterov(config) -> bool:
     return checks.boolean("optim.nesterov", _get(config, "nesterov", False))
 
@@ -169,7 +200,8 @@ def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
 
     Order: `clip_by_global_norm(clip_global_norm)` (if not None), then
     `adaptive_grad_clip(adaptive_clip)` (if not None; unit-wise `||g_i|| <= lambda ||w_i||`,
-    Brock et al. 2021, here on every parameter, the classifier included), then the optimizer
+    Brock et al. 2021, here on every parameter, the classifier included; per layer for
+    scanned stacks), then the optimizer
     `name` with `weight_decay` on the leaves chosen by `weight_decay_mask`, at the learning rate
     `make_schedule(config)(step)`. Missing or None fields take the defaults: name 'sgd',
     momentum 0.9, nesterov False, weight_decay 0, weight_decay_mask 'all', schedule 'constant',
@@ -188,7 +220,7 @@ def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
                                  finite=True)
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip is not None else optax.identity(),
-        optax.adaptive_grad_clip(agc) if agc is not None else optax.identity(),
+        adaptive_grad_clip(agc) if agc is not None else optax.identity(),
         make(config, make_schedule(config), weight_decay, mask),
     )
 

@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 
-from experiments import reporting
+from experiments import reporting, train_setup
 from experiments import train as app
 from resflax import training
 
@@ -18,8 +18,8 @@ def records(workdir, drop_perf=True):
 
 def final_state(config, workdir):
     """`(TrainState of numpy arrays, iterator state)` of the run's latest good checkpoint."""
-    programs = app.build_programs(config)
-    target = programs.init(config.seed, app.input_shape(config))
+    programs = train_setup.build_programs(config)
+    target = programs.init(config.seed, train_setup.input_shape(config))
     manager = training.make_checkpoint_manager(os.path.join(workdir, app.CHECKPOINT_DIR))
     state, iterator_state, _ = training.restore_latest(manager, target)
     manager.close()

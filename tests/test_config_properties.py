@@ -8,7 +8,9 @@
 
 Shortcut option A zero-pads and cannot *reduce* features, but no topology of the three families
 ever asks it to (widths only grow: the stem outputs `width`, each stage keeps or doubles it,
-bottlenecks expand 4x), so every (block, shortcut) combination is valid and is generated.
+bottlenecks expand 4x), so every (block, shortcut) combination is valid and is generated, except
+the norm-free kinds' own constraints: 'fixup' and 'nf' need norm='none', and 'nf' shortcut 'B' or
+'C' (its transition blocks project).
 
 Deterministic (`derandomize=True`, no example database). Forward passes compile one XLA program
 per distinct net, so those properties run few examples on tiny nets.
@@ -24,8 +26,8 @@ from hypothesis import HealthCheck, example, given, settings
 
 import resflax
 from resflax import config as config_lib
-from resflax import conv, layers
-from resflax.blocks import BLOCK_KINDS, SHORTCUTS
+from resflax import conv, kernel_shaping, layers
+from resflax.blocks import BLOCK_KINDS, NORM_FREE_KINDS, SHORTCUTS
 from resflax.config import FAMILIES, FIELDS, IMAGENET_DEPTHS, ModelConfig
 from resflax.models import segments
 
@@ -46,9 +48,10 @@ CHOICES = {  # Fields with a fixed set of allowed values.
     "param_dtype": tuple(config_lib.DTYPES),
     "conv_impl": conv.IMPLS,
     "bn_running_var": layers.BN_RUNNING_VARS,
+    "activation_transform": kernel_shaping.TRANSFORMS,
 }
 INTEGERS = ("depth", "width", "num_classes")
-SCALES = ("weight_scale", "bias_scale")  # Finite numbers >= 0.
+SCALES = ("weight_scale", "bias_scale", "nf_alpha")  # Finite numbers >= 0.
 BOOLEANS = ("zero_init_residual", "learnable_residual_scale", "remat", "scan")
 # Dtypes of the generated nets: float16's range is too small for finite-logit checks at every
 # sigma_w, and float64 needs jax_enable_x64 (without it an invalid config, generated below).
@@ -61,10 +64,11 @@ def maybe(value_strategy):
 
 
 @st.composite
-def valid_fields(draw, family=None):
-    """Fields of a valid, small `ModelConfig` (a dict; None values left out)."""
-    family = family or draw(st.sampled_from(FAMILIES))
-    block = draw(st.sampled_from(BLOCK_KINDS))
+def valid_fields(draw, family=None, shaped=False):
+    """Fields of a valid, small `ModelConfig` (a dict; None values left out); `shaped`: a
+    kernel-shaped plain MLP (`shaping_fields`), otherwise sometimes one."""
+    family = "mlp" if shaped else family or draw(st.sampled_from(FAMILIES))
+    block = "plain" if shaped else draw(st.sampled_from(BLOCK_KINDS))
     fields = dict(family=family, block=block)
     if family == "mlp":
         fields.update(depth=draw(st.integers(1, 4)), width=draw(st.integers(1, 8)),
@@ -78,14 +82,16 @@ def valid_fields(draw, family=None):
         fields.update(depth=18, width=draw(st.integers(1, 2)),
                       bottleneck=draw(st.sampled_from([None, False])))
     plain = block == "plain"
+    # Fixup and NF set their own branch multiplier, like a plain block has none.
+    fixed_scale = plain or block in NORM_FREE_KINDS
     fields.update(
         activation=draw(maybe(st.sampled_from(CHOICES["activation"]))),
         init=draw(maybe(st.sampled_from(CHOICES["init"]))),
         norm=draw(maybe(st.sampled_from(CHOICES["norm"]))),
         shortcut=draw(maybe(st.sampled_from(SHORTCUTS))),
         zero_init_residual=draw(maybe(st.booleans())),
-        residual_scale=None if plain else draw(maybe(st.floats(-2.0, 2.0))),
-        learnable_residual_scale=False if plain else draw(maybe(st.booleans())),
+        residual_scale=None if fixed_scale else draw(maybe(st.floats(-2.0, 2.0))),
+        learnable_residual_scale=False if fixed_scale else draw(maybe(st.booleans())),
         weight_scale=draw(maybe(st.floats(0.0, 2.0))),
         bias_scale=draw(maybe(st.floats(0.0, 1.0))),
         num_classes=draw(st.integers(1, 5)),
@@ -96,9 +102,35 @@ def valid_fields(draw, family=None):
         conv_impl=draw(maybe(st.sampled_from(conv.IMPLS))),
         bn_running_var=draw(maybe(st.sampled_from(layers.BN_RUNNING_VARS))),
     )
-    if plain and draw(st.booleans()):
-        fields["residual_scale"] = 1.0  # The one value a plain block allows, given explicitly.
+    if shaped or (family == "mlp" and plain and draw(st.booleans())):
+        fields.update(draw(shaping_fields()))
+    if fixed_scale and draw(st.booleans()):
+        fields["residual_scale"] = 1.0  # The one value these blocks allow, given explicitly.
+    if block in NORM_FREE_KINDS:  # They replace normalization (and NF needs projections).
+        fields["norm"] = "none"
+        if block == "nf":
+            fields["shortcut"] = draw(st.sampled_from(["B", "C"]))
+            fields["nf_alpha"] = draw(maybe(st.floats(0.0, 1.0)))
     return {k: v for k, v in fields.items() if v is not None}
+
+
+@st.composite
+def shaping_fields(draw):
+    """The fields that make a small plain MLP a kernel-shaped one (DKS or Leaky-ReLU TAT):
+    q-preserving weights, no norm, no bias, an activation and target the transform reaches at
+    depth L >= 1 (TAT's eta <= 1/pi, ReLU's C(0) after one layer)."""
+    fields = dict(init=draw(st.sampled_from(["orthogonal", "delta_orthogonal"])),
+                  weight_scale=draw(st.sampled_from([None, 1.0])),
+                  bias_scale=draw(st.sampled_from([None, 0.0])), norm=draw(maybe(st.just("none"))),
+                  zero_init_residual=draw(st.sampled_from([None, False])))
+    if draw(st.sampled_from(["dks", "tat"])) == "dks":
+        fields.update(activation_transform="dks",
+                      activation=draw(st.sampled_from(["tanh", "erf", "sigmoid"])),
+                      shaping_target=draw(st.sampled_from([None, 1.1, 1.5])))
+    else:
+        fields.update(activation_transform="tat", activation="leaky_relu",
+                      shaping_target=draw(st.sampled_from([0.1, 0.3])))
+    return fields
 
 
 def input_shape(config: ModelConfig, draw_large: bool = False):
@@ -129,7 +161,7 @@ def check_forward(fields, large_input=False):
 
 
 @COMPILING
-@given(valid_fields("mlp"))
+@given(st.one_of(valid_fields("mlp"), valid_fields(shaped=True)))
 def test_every_valid_mlp_config_runs(fields):
     check_forward(fields)
 
@@ -148,12 +180,13 @@ def test_every_valid_imagenet_resnet_config_runs(fields, large_input):
 
 
 @CHEAP
-@given(valid_fields())
+@given(st.one_of(valid_fields(), valid_fields(shaped=True)))
 def test_valid_configs_resolve_and_round_trip(fields):
     config = ModelConfig.from_dict(fields)
     assert all(getattr(config, k) == v for k, v in fields.items())
-    assert all(getattr(config, k) is not None
-               for k in FIELDS if k != "layers_per_block" or config.family == "mlp")
+    assert all(getattr(config, k) is not None for k in FIELDS
+               if (k != "layers_per_block" or config.family == "mlp")
+               and (k != "shaping_target" or config.activation_transform != "none"))
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert ModelConfig.from_json(config.to_json()) == config
     assert config_lib.from_config_dict(config_lib.config_dict(**fields)) == config
@@ -185,7 +218,7 @@ BAD_BOOLS = st.one_of(st.integers(0, 1), st.sampled_from(["True", "False", "yes"
 @st.composite
 def broken_fields(draw):
     """(fields, name): a valid config's fields with exactly the field `name` made invalid."""
-    fields = draw(valid_fields())
+    fields = draw(st.one_of(valid_fields(), valid_fields(shaped=True)))
     family, block = fields["family"], fields["block"]
     kinds = ["choice", "int", "scale", "bool", "residual_scale", "bottleneck_bool"]
     if family == "mlp":
@@ -198,6 +231,12 @@ def broken_fields(draw):
         kinds += ["imagenet_bottleneck"]
     if block == "plain":
         kinds += ["plain_residual_scale", "plain_learnable"]
+    if fields.get("activation_transform", "none") != "none":
+        kinds += ["shaping"]
+    if block in NORM_FREE_KINDS:
+        kinds += ["normfree_norm", "normfree_residual_scale", "normfree_learnable"]
+    if block == "nf":
+        kinds += ["nf_shortcut"]
     if not jax.config.read("jax_enable_x64"):
         kinds += ["float64"]
     kind = draw(st.sampled_from(kinds))
@@ -242,6 +281,20 @@ def broken_fields(draw):
         name, value = "residual_scale", draw(st.floats(-3, 3).filter(lambda a: a != 1.0))
     elif kind == "plain_learnable":
         name, value = "learnable_residual_scale", True
+    elif kind == "shaping":  # A field the kernel-shaping theory rules out.
+        name, value = draw(st.sampled_from([
+            ("init", "he_normal"), ("norm", "batch"), ("block", "v1"), ("weight_scale", 0.5),
+            ("bias_scale", 0.1), ("zero_init_residual", True), ("activation", "relu"),
+            ("shaping_target", 1.0),
+            ("shaping_target", -0.5)]))
+    elif kind == "normfree_norm":
+        name, value = "norm", draw(st.sampled_from(["batch", "layer", "group"]))
+    elif kind == "normfree_residual_scale":
+        name, value = "residual_scale", draw(st.floats(-3, 3).filter(lambda a: a != 1.0))
+    elif kind == "normfree_learnable":
+        name, value = "learnable_residual_scale", True
+    elif kind == "nf_shortcut":
+        name, value = "shortcut", "A"
     else:  # float64 without 64-bit JAX.
         name, value = draw(st.sampled_from(["dtype", "param_dtype"])), "float64"
     fields[name] = value

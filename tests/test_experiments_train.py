@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from configs import digits_degradation
 from configs import train as train_config
-from experiments import degradation, reporting
+from experiments import degradation, reporting, train_setup
 from experiments import train as app
 import resflax
 from resflax import data, parallel, training
@@ -79,21 +79,21 @@ def test_digits_end_to_end_learns_evaluates_and_writes_files(digits_dir, tmp_pat
 
     grad_rs = [r for r in rs if "param_grad_norm" in r]
     assert [r["step"] for r in grad_rs] == [0, 5, 10, 15, 20, 25]
-    programs = app.build_programs(config)
+    programs = train_setup.build_programs(config)
     assert all(len(r["param_grad_norm"]) == programs.model.num_blocks() == 2 for r in grad_rs)
     assert {"grad_norm/stem", "grad_norm/stages_0", "grad_norm/head"} <= set(grad_rs[0])
 
     # The app's initializer (one compile for every seed) is the library's create_train_state.
-    shape = app.input_shape(config)
+    shape = train_setup.input_shape(config)
     ours = programs.init(3, shape)
-    ref = training.create_train_state(programs.model, app.optim_config(config), jax.random.key(3),
+    ref = training.create_train_state(programs.model, train_setup.optim_config(config), jax.random.key(3),
                                    np.zeros(shape, np.float32), programs.mesh)
     assert_trees_equal(jax.device_get(ours), jax.device_get(ref))
 
     # Evaluation covers the whole split: padding is masked, the batch size does not matter.
     state, _ = final_state(config, str(tmp_path))
     state = jax.device_put(state, parallel.replicated(programs.mesh))
-    whole = app.evaluate(programs, state, tiny_config(digits_dir, eval_batch_size=360))
+    whole = train_setup.evaluate(programs, state, tiny_config(digits_dir, eval_batch_size=360))
     assert whole["eval/loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
     assert whole["eval/error"] == pytest.approx(summary["eval_error"], abs=1e-6)
 
@@ -198,7 +198,7 @@ def test_nonfinite_loss_stops_with_the_step_and_parameter(digits_dir, tmp_path):
     assert summary["status"] == "stopped_nonfinite"
     bad = summary["nonfinite"]
     assert summary["step"] == bad["step"] < 10
-    paths = training.param_paths(app.build_programs(config).init(0, app.input_shape(config)).params)
+    paths = training.param_paths(train_setup.build_programs(config).init(0, train_setup.input_shape(config)).params)
     assert bad["param"] is None or bad["param"] in paths
     assert reporting.read_json(tmp_path / "summary.json")["status"] == "stopped_nonfinite"
     assert not os.listdir(tmp_path / "checkpoints")  # No checkpoint of a failed step.
@@ -294,13 +294,13 @@ def test_bad_config_names_the_field(key, value, message):
         section, _, leaf = key.rpartition(".")
         (config[section] if section else config)[leaf] = value
     with pytest.raises(ValueError, match=message):
-        app.check_config(config)
+        train_setup.check_config(config)
 
 
 def test_wrong_num_classes_names_the_field(digits_dir):
     config = tiny_config(digits_dir, **{"model.num_classes": 3})
     with pytest.raises(ValueError, match=r"config\.model\.num_classes=3.*10 classes"):
-        app.input_shape(config)
+        train_setup.input_shape(config)
 
 
 @pytest.mark.parametrize(

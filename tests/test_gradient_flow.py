@@ -82,6 +82,34 @@ def test_sweep_writes_results_json_and_plots(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_spectrum_option_writes_the_singular_value_density(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.sweep = TINY_SWEEP[:1] + TINY_SWEEP[2:]  # An MLP (with theory) and a conv net.
+    config.seeds = (0, 1)
+    config.diagnostics.e2e_spectrum = True
+    config.diagnostics.slq_steps = 4
+    drawn = []
+    real = gradient_flow.plots_lib.singular_value_density
+    monkeypatch.setattr(gradient_flow.plots_lib, "singular_value_density",
+                        lambda *a, **k: (drawn.append((a, k)), real(*a, **k))[1])
+    results = gradient_flow.run(config, str(tmp_path))
+    with open(tmp_path / gradient_flow.SPECTRUM_FILE, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    [(args, kwargs)] = drawn
+    _, nodes, weights, labels = args
+    assert labels == ["plain", "cifar v1"]
+    for name, pooled in zip(labels, nodes):
+        runs = [r for r in results["runs"] if r["name"] == name]
+        assert pooled.shape == (2 * 8, 4)  # Both seeds' [B, m] nodes, pooled.
+        assert pooled[8:].tolist() == runs[1]["e2e"]["e2e_slq_nodes"]
+    plain = [r for r in results["runs"] if r["name"] == "plain"]
+    assert kwargs["theory_mean_sq"] == [
+        pytest.approx(sum(r["theory"]["e2e_jac_fro_sq"] for r in plain) / 2), None]
+    # Off by default: no figure.
+    gradient_flow.run(tiny_config(), str(tmp_path / "off"))
+    assert not os.path.exists(tmp_path / "off" / gradient_flow.SPECTRUM_FILE)
+
+
 def test_single_preset_with_overrides_and_gaussian_data_is_deterministic(tmp_path):
     config = tiny_config("single", name="gaussian", input_dim=(5,))
     config.model.block = "v2"

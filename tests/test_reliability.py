@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import train as train_config
-from experiments import common, reporting
+from experiments import common, reporting, train_setup
 from experiments import train as app
 from resflax import training
 from resflax.config import config_dict
@@ -173,8 +173,8 @@ def test_a_flipped_array_bit_is_caught_by_the_digest(digits_dir, tmp_path):
     config = tiny_config(digits_dir, stop_at_step=10)
     run = str(tmp_path / "run")
     app.train_and_evaluate(config, run)
-    programs = app.build_programs(config)
-    state = programs.init(config.seed, app.input_shape(config))
+    programs = train_setup.build_programs(config)
+    state = programs.init(config.seed, train_setup.input_shape(config))
     digests = training.state_digests(state)
     leaves, tree = jax.tree.flatten(jax.device_get(state))
     arr = np.array(leaves[3])
@@ -266,9 +266,9 @@ def test_an_overflowing_forward_pass_names_the_block(digits_dir, tmp_path):
     assert bad["first"] == "activations" and 1 <= bad["block"] <= 8
     assert bad["where"] == f"stages_0/rest[{bad['block'] - 1}]"
     # Checked by hand: the first x_l with a non-finite entry.
-    programs = app.build_programs(config)
-    state = programs.init(config.seed, app.input_shape(config))
-    batch = next(iter(app._loader(config, config.data.train_split, train_mode=True,
+    programs = train_setup.build_programs(config)
+    state = programs.init(config.seed, train_setup.input_shape(config))
+    batch = next(iter(train_setup.loader(config, config.data.train_split, train_mode=True,
                                   batch_size=config.batch_size)))
     (_, signals), _ = programs.model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=True,
@@ -321,10 +321,10 @@ def test_skip_step_skips_only_the_bad_batch(digits_dir, tmp_path, monkeypatch):
     assert skipped["step"] == 2 and skipped["first"] == "activations" and skipped["block"] == 0
     assert skipped["where"] == "stem"
     # What a skipped step leaves behind: exactly the state it was given.
-    programs = app.build_programs(config)
-    state = programs.init(config.seed, app.input_shape(config))
+    programs = train_setup.build_programs(config)
+    state = programs.init(config.seed, train_setup.input_shape(config))
     before = jax.device_get(state)
-    batch = next(iter(app._loader(config, config.data.train_split, train_mode=True,
+    batch = next(iter(train_setup.loader(config, config.data.train_split, train_mode=True,
                                   batch_size=config.batch_size)))
     batch = dict(batch, image=np.full_like(batch["image"], np.nan))
     after, metrics = programs.train_step(state, real(programs.mesh, batch))
