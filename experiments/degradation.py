@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -67,12 +67,14 @@ class RunRecord:
     history: dict[str, list]  # `history(run_dir)`: the run's curves.
 
 
-def run_config(config: ml_collections.ConfigDict, net: Mapping[str, Any], seed: int
+def run_config(config: ml_collections.ConfigDict, net: Mapping[str, Any], seed: int,
+               sweep_fields: Sequence[str] = SWEEP_FIELDS, where: str = "config.nets entry"
                ) -> ml_collections.ConfigDict:
-    """The single-run config of `net` (dotted overrides, `experiments.common`) and `seed`."""
-    run = common.apply_overrides(config, net, f"config.nets entry {dict(net)!r}")
+    """The single-run config of `net` (dotted overrides, `experiments.common`) and `seed`:
+    `config` without the sweep's own fields `sweep_fields`."""
+    run = common.apply_overrides(config, net, f"{where} {dict(net)!r}")
     with run.unlocked():
-        for name in SWEEP_FIELDS:
+        for name in sweep_fields:
             if name in run:
                 del run[name]
         run.seed = seed
@@ -142,7 +144,8 @@ def _completed_summary(run_dir: str, run: ml_collections.ConfigDict) -> dict | N
     return summary if summary.get("status") == "completed" and same else None
 
 
-def _stats(values: list) -> dict[str, float | None]:
+def mean_std(values: list) -> dict[str, float | None]:
+    """Mean and std (ddof=0) of the values that are not None; both None when there are none."""
     v = np.asarray([x for x in values if x is not None], np.float64)
     if not len(v):
         return {"mean": None, "std": None}
@@ -160,7 +163,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                "diverged": sum(r["status"] == "stopped_nonfinite" for r in group)}
         for key in ("final_train_loss", "final_train_error", "final_eval_loss",
                     "final_eval_error"):
-            stats = _stats([r[key] for r in finished])
+            stats = mean_std([r[key] for r in finished])
             row[f"{key}_mean"], row[f"{key}_std"] = stats["mean"], stats["std"]
         table.append(row)
     return table
@@ -195,37 +198,53 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         return _run_sweep(config, workdir)
 
 
+class Trainer:
+    """Trains (or reuses) the runs of one sweep: one `BatchCache` (`cache_batches`) and one
+    compile per architecture (`training.programs_key`), shared by every run."""
+
+    def __init__(self, cache_batches: bool):
+        self.cache = data.BatchCache() if cache_batches else None
+        self._programs: dict[str, training.Programs] = {}
+
+    def programs(self, run: ml_collections.ConfigDict) -> training.Programs:
+        """The (lazily compiled) programs of `run`'s architecture and optimizer."""
+        key = training.programs_key(common.model_config(run), train_setup.optim_config(run),
+                                    run.num_devices)
+        if key not in self._programs:
+            self._programs[key] = train_setup.build_programs(run)
+        return self._programs[key]
+
+    def run(self, name: str, run: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
+        """Trains `run` in `run_dir` (reusing a completed run of the same config, resuming an
+        interrupted one); returns its `RunRecord` as a dict."""
+        summary = _completed_summary(run_dir, run)
+        if summary is None:
+            logging.info("Training %s, seed %d, in %s", name, run.seed, run_dir)
+            summary = train_app.train_and_evaluate(run, run_dir, cache=self.cache,
+                                                   programs=self.programs(run))
+        else:
+            logging.info("Reusing the completed run in %s", run_dir)
+        model = common.model_config(run)
+        return dataclasses.asdict(RunRecord(
+            net=name, model=model.to_dict(), weight_layers=weight_layers(model), seed=run.seed,
+            status=summary["status"], final_train_loss=summary["train_loss"],
+            final_train_error=summary["train_error"], final_eval_loss=summary["eval_loss"],
+            final_eval_error=summary["eval_error"], wall_s=summary["wall_s"],
+            history=history(run_dir),
+        ))
+
+
 def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start, start_utc = time.monotonic(), reporting.utc_now()
     os.makedirs(workdir, exist_ok=True)
-    cache = data.BatchCache() if config.cache_batches else None
-    programs: dict[str, training.Programs] = {}  # One compile per architecture.
+    trainer = Trainer(config.cache_batches)
     runs = []
     names = net_names(config)
     for net, name in zip(config.nets, names):
         for seed in config.seeds:
             run = run_config(config, net, seed)
-            run_dir = os.path.join(workdir, "runs", f"{name}_seed{seed}")
-            summary = _completed_summary(run_dir, run)
-            if summary is None:
-                logging.info("Training %s (%s), seed %d", name, net, seed)
-                key = training.programs_key(common.model_config(run),
-                                            train_setup.optim_config(run), run.num_devices)
-                if key not in programs:
-                    programs[key] = train_setup.build_programs(run)
-                summary = train_app.train_and_evaluate(run, run_dir, cache=cache,
-                                                       programs=programs[key])
-            else:
-                logging.info("Reusing the completed run in %s", run_dir)
-            model = common.model_config(run)
-            runs.append(dataclasses.asdict(RunRecord(
-                net=name, model=model.to_dict(), weight_layers=weight_layers(model), seed=seed,
-                status=summary["status"], final_train_loss=summary["train_loss"],
-                final_train_error=summary["train_error"], final_eval_loss=summary["eval_loss"],
-                final_eval_error=summary["eval_error"], wall_s=summary["wall_s"],
-                history=history(run_dir),
-            )))
-            if summary["status"] == "preempted":
+            runs.append(trainer.run(name, run, os.path.join(workdir, "runs", f"{name}_seed{seed}")))
+            if runs[-1]["status"] == "preempted":
                 logging.warning("Preempted: rerun the same command to resume.")
                 return {"config": config.to_dict(), "runs": runs, "status": "preempted",
                         "provenance": reporting.provenance(start_utc)}

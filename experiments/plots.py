@@ -241,3 +241,74 @@ def singular_value_density(path: str, nodes, weights, labels, theory_mean_sq=Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- trainability
+
+
+def _method_styles(table: list[dict]) -> dict[str, dict]:
+    """A colour per method (tab10); residual methods (block v1/v2) dashed, plain ones solid."""
+    palette = plt.get_cmap("tab10").colors
+    methods = list(dict.fromkeys(t["method"] for t in table))
+    styles = {}
+    for i, method in enumerate(methods):
+        block = next(t["block"] for t in table if t["method"] == method)
+        styles[method] = dict(color=palette[i % len(palette)],
+                              ls="-" if block == "plain" else "--")
+    return styles
+
+
+def _depth_axis(ax, depths, ylabel: str, title: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel="weight layers", ylabel=ylabel, title=title)
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def trainability(runs: list[dict], table: list[dict], path: str) -> None:
+    """Writes `trainability.png`: (a) final training loss vs weight layers per method (mean +-
+    std over seeds; plain methods solid, residual dashed), and at initialization (b)
+    act_grad_sq[l] of the deepest nets vs l, (c) act_grad_sq[0] / act_grad_sq[L] vs weight
+    layers, (d) the spread p90 / p10 of dx_L/dx_0's singular values vs weight layers."""
+    styles = _method_styles(table)
+    depths = sorted({t["weight_layers"] for t in table})
+    fig, axes = plt.subplots(1, 4, figsize=(23, 5))
+    panels = (
+        (axes[0], "final_train_loss_mean", "final training loss",
+         "(a) final training loss, mean ± std over seeds"),
+        (axes[2], "act_grad_sq_ratio_mean", "act_grad_sq[0] / act_grad_sq[L]",
+         "(c) gradient growth output → input, init"),
+        (axes[3], "sv_spread_mean", "p90 / p10 of singular values of dx_L/dx_0",
+         "(d) end-to-end Jacobian spread, init"),
+    )
+    for ax, key, ylabel, title in panels:
+        for method, style in styles.items():
+            rows = [t for t in table if t["method"] == method and t[key] is not None
+                    and np.isfinite(t[key]) and t[key] > 0]
+            if not rows:
+                continue
+            x = [t["weight_layers"] for t in rows]
+            y = [t[key] for t in rows]
+            err = ([t["final_train_loss_std"] for t in rows]
+                   if key == "final_train_loss_mean" else None)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=method, **style)
+        _depth_axis(ax, depths, ylabel, title)
+    axes[0].legend(fontsize=8)
+
+    ax = axes[1]
+    deepest = max(depths)
+    for method, style in styles.items():
+        group = [r["init_diagnostics"]["act_grad_sq"] for r in runs
+                 if r["method"] == method and r["weight_layers"] == deepest]
+        if group:
+            with np.errstate(all="ignore"):
+                y = _positive(_mean_curve(group))
+            ax.plot(np.arange(len(y)), y, lw=1.5, label=method, **style)
+    ax.set(yscale="log", xlabel="signal x_l, l = 0 (input side) .. L",
+           ylabel="act_grad_sq[l] = E||dS/dx_l||^2",
+           title=f"(b) squared gradient at init, {deepest} layers")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,175 @@
+"""Trainability of deep plain nets, method by method, against their ResNet twins, on the digits.
+
+    python -m experiments.trainability --config=configs/digits_trainability.py --workdir=/tmp/trn
+    python -m experiments.trainability --config=configs/digits_trainability.py:mlp_deep \
+        --workdir=/tmp/trn_deep
+    # the learning-rate tuning that chose the shipped rates (writes tuning.json):
+    python -m experiments.trainability --config=configs/digits_trainability.py \
+        --config.tune=True --workdir=/tmp/trn_tune
+
+Presets: `mlp` (the default), `mlp_deep` and `conv`. Every method of `methods()` is trained at
+every depth of `config.depths` with every seed (3) with one recipe; only the learning rate is
+per method (and preset).
+
+- `mlp`: `family='mlp'`, width 64, 2 dense layers per block, 3 / 27 / 54 blocks = 8 / 56 / 110
+  weight layers (stem + 2 per block + head). Batch 128, 1000 steps (89 epochs of the 1437
+  training digits). Rates tuned at 56 weight layers.
+- `mlp_deep`: the same nets and recipe, rates tuned at the deepest depth, 110 weight layers.
+- `conv`: He et al.'s CIFAR family at digits size (8x8x1 inputs: stages at 8x8, 4x4 and 2x2),
+  n = 1 / 9 / 18 blocks per stage = 8 / 56 / 110 weight layers, option-A shortcuts, width 8
+  (He et al.: 16; halved to cut its time on 2 CPU cores), batch 32, 400 steps.
+
+Methods (`methods()`; adding one is one more entry):
+- `plain_he`: plain ReLU net, He-normal init, no normalization.
+- `plain_bn`: plain ReLU net, He-normal, batch norm (He et al. 2015's plain baseline).
+- `plain_tanh_critical`: plain tanh net, no normalization, orthogonal (MLP) or delta-orthogonal
+  (conv; Xiao et al. 2018) weights at the edge of chaos: sigma_b^2 = 0.01 and sigma_w^2 from
+  `resflax.theory.critical_sigma_w2('tanh', 0.01)` (computed here, = 1.4242).
+- `v1_bn`, `v2_bn`: the ResNet twins, post- (He et al. 2015) and pre-activation (He et al. 2016),
+  He-normal, batch norm: the reference (`config.reference`) the gap is measured against.
+- `skipinit`: v2 residual net without normalization, the residual branch times a learnable
+  scalar that starts at 0 (De & Smith 2020).
+
+Recipe (He et al. 2015 scaled down, the digits_degradation recipe): SGD momentum 0.9, weight
+decay 1e-4 on every weight, learning rate divided by 10 at 50% and 75% of training, no
+augmentation, no warm-up, no clipping. All runs of a seed see the same batches
+(`cache_batches`).
+
+Learning rates: tuned once per method and preset, then fixed for every depth and seed. The
+tuning run (`--config.tune=True`, `config.tuning`) trains each method at `config.tuning.depth`
+(the middle depth, 56 weight layers; `mlp_deep`: 110) with seed 0 for 30% of the steps
+(`config.tuning.num_train_steps`, boundaries scaled alike) at every rate of
+`config.tuning.learning_rates`, and picks the rate of the lowest final training loss (a run
+stopped on a non-finite step counts as +inf); `tuning.json` holds the grid and the choice. The
+shipped rates (`LEARNING_RATES`) are those choices, measured 2026-12-02 on the 2-core CPU VM
+shared with other sessions (load 5-9). Final training loss after 300 steps, the choice in bold:
+
+`mlp`, at 56 weight layers (493 s):
+
+| method | lr 0.005 | lr 0.01 | lr 0.02 | lr 0.05 | lr 0.1 | lr 0.2 |
+|---|---:|---:|---:|---:|---:|---:|
+| plain_he | 1.6117 | **1.1499** | 1.5674 | 2.3028 | 2.3028 | 2.1e23 |
+| plain_bn | **1.6893** | 1.9848 | 1.9796 | 1.9932 | 1.8987 | 2.0255 |
+| plain_tanh_critical | 0.0256 | **0.0172** | 0.1299 | 2.3030 | 2.0406 | 2.3032 |
+| v1_bn | 0.0152 | 0.0091 | **0.0056** | 0.0091 | 0.0232 | 1.1653 |
+| v2_bn | 0.1661 | 0.0569 | 0.0226 | 0.0073 | 0.0056 | **0.0035** |
+| skipinit | 0.0400 | 0.0057 | 0.0013 | **0.0003** | 0.0012 | 0.0137 |
+
+`mlp_deep`, at 110 weight layers (580 s):
+
+| method | lr 0.005 | lr 0.01 | lr 0.02 | lr 0.05 | lr 0.1 | lr 0.2 |
+|---|---:|---:|---:|---:|---:|---:|
+| plain_he | 2.3031 | **2.2983** | 2.3029 | 2.3050 | 2.3028 | diverged |
+| plain_bn | 2.2734 | 2.2987 | 2.2974 | 2.2831 | **2.2726** | 2.2983 |
+| plain_tanh_critical | **0.0552** | 2.3028 | 2.3029 | 2.3029 | 2.3029 | 2.3032 |
+| v1_bn | 0.0267 | 0.0172 | **0.0128** | 0.0465 | 0.4990 | 1.9719 |
+| v2_bn | 0.1772 | 0.0589 | 0.0179 | 0.0065 | 0.0050 | **0.0047** |
+| skipinit | 0.0253 | 0.0039 | 0.0008 | **0.0004** | 0.0014 | diverged |
+
+Some choices are at an end of the grid (mlp: plain_bn, v2_bn; mlp_deep: plain_tanh_critical,
+v2_bn); the plain ReLU nets at 110 layers are at chance (ln 10 = 2.303) at every rate, so their
+choice there is noise. `conv`: NOT tuned (its tuning run was stopped after 7 of its 24 runs for
+lack of time: at 56 layers, 120 steps, plain_he 2.300 / 2.297 / 2.294 / 2.302 at lr 0.01 / 0.03
+/ 0.1 / 0.3 and plain_bn 1.976 / 2.135 / 2.067 at 0.01 / 0.03 / 0.1); its rates are the
+digits_degradation recipe's 0.05 for every method until the tuning is run.
+
+The gap: for each method and depth, `gap` = its mean final training loss minus the best mean of
+the `config.reference` twins at that depth; the method closes the degradation gap there when
+`gap <= config.margin` (0.05 nats, absolute: final losses are near 0 for the twins).
+"""
+
+import math
+
+import ml_collections
+
+from configs import digits_degradation
+from resflax import theory
+
+PRESETS = ("mlp", "mlp_deep", "conv")
+SIGMA_B2 = 0.01  # The critical tanh net's bias variance.
+
+# Per preset and method: the learning rate chosen by the tuning run (module docstring).
+LEARNING_RATES = {
+    "mlp": {"plain_he": 0.01, "plain_bn": 0.005, "plain_tanh_critical": 0.01, "v1_bn": 0.02,
+            "v2_bn": 0.2, "skipinit": 0.05},
+    "mlp_deep": {"plain_he": 0.01, "plain_bn": 0.1, "plain_tanh_critical": 0.005,
+                 "v1_bn": 0.02, "v2_bn": 0.2, "skipinit": 0.05},
+    "conv": {"plain_he": 0.05, "plain_bn": 0.05, "plain_tanh_critical": 0.05, "v1_bn": 0.05,
+             "v2_bn": 0.05, "skipinit": 0.05},
+}
+
+
+def methods(learning_rates: dict[str, float], conv: bool) -> tuple[dict, ...]:
+    """One dict per method: its `name` and dotted overrides of the run config (the model's
+    fields and the learning rate `learning_rates[name]`), `experiments.common`'s convention;
+    `conv`: delta-orthogonal instead of orthogonal weights for the critical tanh net."""
+    lr = learning_rates
+    critical_init = "delta_orthogonal" if conv else "orthogonal"
+    relu_he = {"model.activation": "relu", "model.init": "he_normal"}
+    entries = (
+        {"name": "plain_he", "model.block": "plain", "model.norm": "none", **relu_he},
+        {"name": "plain_bn", "model.block": "plain", "model.norm": "batch", **relu_he},
+        {"name": "plain_tanh_critical", "model.block": "plain", "model.norm": "none",
+         "model.activation": "tanh", "model.init": critical_init,
+         "model.weight_scale": math.sqrt(theory.critical_sigma_w2("tanh", SIGMA_B2)),
+         "model.bias_scale": math.sqrt(SIGMA_B2)},
+        {"name": "v1_bn", "model.block": "v1", "model.norm": "batch", **relu_he},
+        {"name": "v2_bn", "model.block": "v2", "model.norm": "batch", **relu_he},
+        {"name": "skipinit", "model.block": "v2", "model.norm": "none", **relu_he,
+         "model.learnable_residual_scale": True, "model.residual_scale": 0.0},
+    )
+    return tuple({**m, "optim.learning_rate": lr[m["name"]]} for m in entries)
+
+
+def _model(config: ml_collections.ConfigDict, preset: str) -> None:
+    if preset in ("mlp", "mlp_deep"):
+        config.model.update(dict(family="mlp", width=64, layers_per_block=2))
+        config.depths = (3, 27, 54)  # Blocks: 8 / 56 / 110 weight layers.
+        config.batch_size, config.num_train_steps = 128, 1000
+    else:
+        for name in config.model:
+            config.model[name] = None  # The CIFAR family's defaults, then:
+        config.model.update(dict(family="cifar_resnet", width=8, shortcut="A", num_classes=10))
+        config.depths = (8, 56, 110)  # Weight layers 6n + 2, n = 1 / 9 / 18.
+        config.batch_size, config.num_train_steps = 32, 400
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    preset = preset or "mlp"
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not supported; allowed values: {list(PRESETS)}")
+    config = digits_degradation.get_config()
+    with config.unlocked():
+        del config.nets
+        _model(config, preset)
+        steps = config.num_train_steps
+        config.optim.boundaries = (steps // 2, 3 * steps // 4)
+        config.log_every_steps = 10
+        config.eval_every_steps = steps // 4
+        config.grad_norm_every_steps = steps // 4
+        config.checkpoint_every_steps = steps
+        config.methods = methods(LEARNING_RATES[preset], conv=preset == "conv")
+        config.seeds = (0, 1, 2)
+        config.cache_batches = True
+        config.reference = ("v1_bn", "v2_bn")  # The ResNet twins the gap is measured against.
+        config.margin = 0.05  # Closes the gap: mean final train loss <= best twin's + margin.
+
+        # Init diagnostics of every run, on the first `batch_size` training digits, at the
+        # run's own initialization (train-mode batch norm): act_grad_sq per block and the SLQ
+        # singular-value spectrum of dx_L/dx_0 with `slq_steps` Lanczos steps.
+        config.diagnostics = ml_collections.ConfigDict(dict(batch_size=32, slq_steps=24))
+
+        # The learning-rate tuning (--config.tune=True): the methods at `depth` with `seeds`,
+        # `num_train_steps` steps (the schedule's boundaries scaled by the same fraction), at
+        # every rate of `learning_rates`.
+        config.tune = False
+        # conv: a coarser grid (each rate is one more compile per method).
+        rates = ((0.01, 0.03, 0.1, 0.3) if preset == "conv"
+                 else (0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
+        config.tuning = ml_collections.ConfigDict(dict(
+            learning_rates=rates,
+            depth=config.depths[-1 if preset == "mlp_deep" else 1],
+            seeds=(0,),
+            num_train_steps=steps * 3 // 10,
+        ))
+    return config
