@@ -383,12 +383,13 @@ def gradient_spread(param_grad_norm, grad_spread_warning: float) -> tuple[float,
     Returns:
       `(spread, warning)`: `spread = max / min` over those norms (NaN if there are none), and
       a one-line warning naming the blocks when `spread` exceeds the limit or is not finite,
-      else None.
+      else None. All norms exactly 0 is no warning: a zero-initialized head (Fixup's) passes
+      no gradient to the blocks before its first update, by design.
     """
     norms = np.asarray(param_grad_norm, np.float64)
     positive = norms[np.isfinite(norms) & (norms > 0)]
     spread = float(positive.max() / positive.min()) if len(positive) else float("nan")
-    if np.isfinite(spread) and spread <= grad_spread_warning:
+    if (np.isfinite(spread) and spread <= grad_spread_warning) or np.all(norms == 0):
         return spread, None
     return spread, (f"step 0: per-block gradient norms span {spread:.3g}x (blocks "
                     f"{int(np.argmax(norms)) + 1} and {int(np.argmin(norms)) + 1}), more than "

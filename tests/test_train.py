@@ -328,6 +328,8 @@ def test_gradient_spread_warns_past_the_limit_or_when_not_finite():
         "grad_spread_warning=10")
     spread, warning = training.gradient_spread([0.0, float("nan")], 10.0)
     assert np.isnan(spread) and "span nanx" in warning
+    spread, warning = training.gradient_spread([0.0, 0.0, 0.0], 10.0)  # Fixup's zero head.
+    assert np.isnan(spread) and warning is None
 
 
 def test_grad_norms_by_module():
