@@ -1,23 +1,22 @@
 """Trainability of deep plain nets, method by method, against their ResNet twins, on the digits.
 
     python -m experiments.trainability --config=configs/digits_trainability.py --workdir=/tmp/trn
-    python -m experiments.trainability --config=configs/digits_trainability.py:mlp_deep \
-        --workdir=/tmp/trn_deep
     # the learning-rate tuning that chose the shipped rates (writes tuning.json):
     python -m experiments.trainability --config=configs/digits_trainability.py \
         --config.tune=True --workdir=/tmp/trn_tune
 
-Presets: `mlp` (the default), `mlp_deep` and `conv`. Every method of `methods()` is trained at
-every depth of `config.depths` with every seed (3) with one recipe; only the learning rate is
-per method (and preset).
+Presets: `mlp` (the default) and `conv`. Every method of `methods()` is trained at every depth
+of `config.depths` with every seed (3) with one recipe; only the learning rate is per method
+(and preset).
 
 - `mlp`: `family='mlp'`, width 64, 2 dense layers per block, 3 / 27 / 54 blocks = 8 / 56 / 110
   weight layers (stem + 2 per block + head). Batch 128, 1000 steps (89 epochs of the 1437
-  training digits). Rates tuned at 56 weight layers.
-- `mlp_deep`: the same nets and recipe, rates tuned at the deepest depth, 110 weight layers.
+  training digits). Rates tuned at the deepest depth, 110 weight layers: the question is
+  whether a method trains the deep net at all.
 - `conv`: He et al.'s CIFAR family at digits size (8x8x1 inputs: stages at 8x8, 4x4 and 2x2),
   n = 1 / 9 / 18 blocks per stage = 8 / 56 / 110 weight layers, option-A shortcuts, width 8
-  (He et al.: 16; halved to cut its time on 2 CPU cores), batch 32, 400 steps.
+  (He et al.: 16; halved to cut its time on 2 CPU cores), batch 32, 400 steps. No kernel
+  shaping (resflax builds it for plain MLPs only).
 
 Methods (`methods()`; adding one is one more entry):
 - `plain_he`: plain ReLU net, He-normal init, no normalization.
@@ -25,10 +24,20 @@ Methods (`methods()`; adding one is one more entry):
 - `plain_tanh_critical`: plain tanh net, no normalization, orthogonal (MLP) or delta-orthogonal
   (conv; Xiao et al. 2018) weights at the edge of chaos: sigma_b^2 = 0.01 and sigma_w^2 from
   `resflax.theory.critical_sigma_w2('tanh', 0.01)` (computed here, = 1.4242).
+- `plain_tat`: plain Leaky-ReLU net with Tailored Activation Transformation (Zhang et al.
+  2022): orthogonal weights, no bias, the slope solved so that the net's C-map has
+  C_f(0) = `TAT_ETA` (0.7).
+- `plain_dks`: plain tanh net with Deep Kernel Shaping (Martens et al. 2021): orthogonal
+  weights, no bias, phi_hat = gamma (tanh(alpha x + beta) + delta) solved for C_f'(1) =
+  `DKS_XI` (1.5).
 - `v1_bn`, `v2_bn`: the ResNet twins, post- (He et al. 2015) and pre-activation (He et al. 2016),
   He-normal, batch norm: the reference (`config.reference`) the gap is measured against.
 - `skipinit`: v2 residual net without normalization, the residual branch times a learnable
   scalar that starts at 0 (De & Smith 2020).
+- `fixup`: Fixup (Zhang et al. 2019): residual, no normalization, branches rescaled by
+  L^(-1/(2m-2)), last layers and head at 0, scalar biases and multipliers.
+- `nf`: NF-ResNet (Brock et al. 2021): residual, no normalization, scaled weight
+  standardization, x + alpha f(x / beta) with analytic betas, alpha 0.2.
 
 Recipe (He et al. 2015 scaled down, the digits_degradation recipe): SGD momentum 0.9, weight
 decay 1e-4 on every weight, learning rate divided by 10 at 50% and 75% of training, no
@@ -37,41 +46,35 @@ augmentation, no warm-up, no clipping. All runs of a seed see the same batches
 
 Learning rates: tuned once per method and preset, then fixed for every depth and seed. The
 tuning run (`--config.tune=True`, `config.tuning`) trains each method at `config.tuning.depth`
-(the middle depth, 56 weight layers; `mlp_deep`: 110) with seed 0 for 30% of the steps
+(the deepest depth, 110 weight layers) with seed 0 for 30% of the steps
 (`config.tuning.num_train_steps`, boundaries scaled alike) at every rate of
 `config.tuning.learning_rates`, and picks the rate of the lowest final training loss (a run
 stopped on a non-finite step counts as +inf); `tuning.json` holds the grid and the choice. The
-shipped rates (`LEARNING_RATES`) are those choices, measured 2026-12-02 on the 2-core CPU VM
-shared with other sessions (load 5-9). Final training loss after 300 steps, the choice in bold:
+shipped rates (`LEARNING_RATES`) are those choices, measured 2026-12-02 16:34-16:42 UTC on the
+project's 2-core CPU VM (load 1.5-2.1; 480 s for the 90 runs). Final training loss after 300
+steps at 110 weight layers:
 
-`mlp`, at 56 weight layers (493 s):
+| method | lr 0.0005 | lr 0.001 | lr 0.002 | lr 0.005 | lr 0.01 | lr 0.02 | lr 0.05 | lr 0.1 | lr 0.2 |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| plain_he | 2.0717 | **1.8769** | 1.9791 | 2.3031 | 2.2983 | 2.3029 | 2.3050 | 2.3028 | diverged |
+| plain_bn | 2.4682 | 2.3796 | 2.3323 | 2.2734 | 2.2987 | 2.2974 | 2.2831 | **2.2726** | 2.2983 |
+| plain_tanh_critical | 0.2625 | 0.1217 | 0.0600 | **0.0552** | 2.3028 | 2.3029 | 2.3029 | 2.3029 | 2.3032 |
+| v1_bn | 0.3533 | 0.1507 | 0.0665 | 0.0267 | 0.0172 | **0.0128** | 0.0465 | 0.4990 | 1.9719 |
+| v2_bn | 1.5980 | 1.1149 | 0.5938 | 0.1772 | 0.0589 | 0.0179 | 0.0065 | 0.0050 | **0.0047** |
+| skipinit | 0.9331 | 0.4582 | 0.1892 | 0.0253 | 0.0039 | 0.0008 | **0.0004** | 0.0014 | diverged |
+| fixup | 1.6347 | 1.0384 | 0.4716 | 0.1755 | 0.0863 | 0.0313 | **0.0039** | 2.3029 | 2.3027 |
+| nf | 0.2526 | 0.1293 | 0.0598 | 0.0161 | 0.0042 | 0.0016 | **0.0006** | 0.0025 | 2.3028 |
+| plain_tat | 0.0056 | **0.0044** | 0.0083 | diverged | diverged | diverged | diverged | diverged | diverged |
+| plain_dks | 0.0052 | 0.0014 | **0.0006** | 2.3121 | 2.3303 | 2.5564 | 2.9373 | 144.5062 | 75.5273 |
 
-| method | lr 0.005 | lr 0.01 | lr 0.02 | lr 0.05 | lr 0.1 | lr 0.2 |
-|---|---:|---:|---:|---:|---:|---:|
-| plain_he | 1.6117 | **1.1499** | 1.5674 | 2.3028 | 2.3028 | 2.1e23 |
-| plain_bn | **1.6893** | 1.9848 | 1.9796 | 1.9932 | 1.8987 | 2.0255 |
-| plain_tanh_critical | 0.0256 | **0.0172** | 0.1299 | 2.3030 | 2.0406 | 2.3032 |
-| v1_bn | 0.0152 | 0.0091 | **0.0056** | 0.0091 | 0.0232 | 1.1653 |
-| v2_bn | 0.1661 | 0.0569 | 0.0226 | 0.0073 | 0.0056 | **0.0035** |
-| skipinit | 0.0400 | 0.0057 | 0.0013 | **0.0003** | 0.0012 | 0.0137 |
-
-`mlp_deep`, at 110 weight layers (580 s):
-
-| method | lr 0.005 | lr 0.01 | lr 0.02 | lr 0.05 | lr 0.1 | lr 0.2 |
-|---|---:|---:|---:|---:|---:|---:|
-| plain_he | 2.3031 | **2.2983** | 2.3029 | 2.3050 | 2.3028 | diverged |
-| plain_bn | 2.2734 | 2.2987 | 2.2974 | 2.2831 | **2.2726** | 2.2983 |
-| plain_tanh_critical | **0.0552** | 2.3028 | 2.3029 | 2.3029 | 2.3029 | 2.3032 |
-| v1_bn | 0.0267 | 0.0172 | **0.0128** | 0.0465 | 0.4990 | 1.9719 |
-| v2_bn | 0.1772 | 0.0589 | 0.0179 | 0.0065 | 0.0050 | **0.0047** |
-| skipinit | 0.0253 | 0.0039 | 0.0008 | **0.0004** | 0.0014 | diverged |
-
-Some choices are at an end of the grid (mlp: plain_bn, v2_bn; mlp_deep: plain_tanh_critical,
-v2_bn); the plain ReLU nets at 110 layers are at chance (ln 10 = 2.303) at every rate, so their
-choice there is noise. `conv`: NOT tuned (its tuning run was stopped after 7 of its 24 runs for
-lack of time: at 56 layers, 120 steps, plain_he 2.300 / 2.297 / 2.294 / 2.302 at lr 0.01 / 0.03
-/ 0.1 / 0.3 and plain_bn 1.976 / 2.135 / 2.067 at 0.01 / 0.03 / 0.1); its rates are the
-digits_degradation recipe's 0.05 for every method until the tuning is run.
+The plain ReLU nets are at chance (ln 10 = 2.303) or near it at every rate, so their choice is
+noise; v2_bn's is at the top of the grid (its loss still falls with the rate). The plain nets
+whose every layer gets the gradient at init (orthogonal, shaped, no norm) need rates 10-100x
+smaller than the residual ones: their function moves by about lr x depth per step. `conv`: NOT
+tuned (a tuning run at 56 layers was stopped after 7 of its 24 runs for lack of time: at 120
+steps, plain_he 2.300 / 2.297 / 2.294 / 2.302 at lr 0.01 / 0.03 / 0.1 / 0.3 and plain_bn
+1.976 / 2.135 / 2.067 at 0.01 / 0.03 / 0.1); its rates are the digits_degradation recipe's 0.05
+for every method until the tuning is run.
 
 The gap: for each method and depth, `gap` = its mean final training loss minus the best mean of
 the `config.reference` twins at that depth; the method closes the degradation gap there when
@@ -85,7 +88,7 @@ import ml_collections
 from configs import digits_degradation
 from resflax import theory
 
-PRESETS = ("mlp", "mlp_deep", "conv")
+PRESETS = ("mlp", "conv")
 SIGMA_B2 = 0.01  # The critical tanh net's bias variance.
 # TAT's C_f(0) target: the paper's 0.9 is out of reach at the shallowest net (L = 6 nonlinear
 # layers: at most about 0.75), 0.7 is reachable at every depth here. DKS's C_f'(1): the paper's.
@@ -94,12 +97,9 @@ DKS_XI = 1.5
 
 # Per preset and method: the learning rate chosen by the tuning run (module docstring).
 LEARNING_RATES = {
-    "mlp": {"plain_he": 0.01, "plain_bn": 0.005, "plain_tanh_critical": 0.01, "v1_bn": 0.02,
-            "v2_bn": 0.2, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05, "plain_tat": 0.05,
-            "plain_dks": 0.05},
-    "mlp_deep": {"plain_he": 0.01, "plain_bn": 0.1, "plain_tanh_critical": 0.005,
-                 "v1_bn": 0.02, "v2_bn": 0.2, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05,
-                 "plain_tat": 0.05, "plain_dks": 0.05},
+    "mlp": {"plain_he": 0.001, "plain_bn": 0.1, "plain_tanh_critical": 0.005, "v1_bn": 0.02,
+            "v2_bn": 0.2, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05, "plain_tat": 0.001,
+            "plain_dks": 0.002},
     "conv": {"plain_he": 0.05, "plain_bn": 0.05, "plain_tanh_critical": 0.05, "v1_bn": 0.05,
              "v2_bn": 0.05, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05},
 }
@@ -140,7 +140,7 @@ def methods(learning_rates: dict[str, float], conv: bool) -> tuple[dict, ...]:
 
 
 def _model(config: ml_collections.ConfigDict, preset: str) -> None:
-    if preset in ("mlp", "mlp_deep"):
+    if preset == "mlp":
         config.model.update(dict(family="mlp", width=64, layers_per_block=2))
         config.depths = (3, 27, 54)  # Blocks: 8 / 56 / 110 weight layers.
         config.batch_size, config.num_train_steps = 128, 1000
@@ -182,11 +182,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # every rate of `learning_rates`.
         config.tune = False
         # conv: a coarser grid (each rate is one more compile per method).
+        # The MLP grid reaches down to 5e-4: a deep plain net whose every layer gets the
+        # gradient (orthogonal / shaped, no norm) moves its function by ~lr x depth per step.
         rates = ((0.01, 0.03, 0.1, 0.3) if preset == "conv"
-                 else (0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
+                 else (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
         config.tuning = ml_collections.ConfigDict(dict(
             learning_rates=rates,
-            depth=config.depths[-1 if preset == "mlp_deep" else 1],
+            depth=config.depths[-1 if preset == "mlp" else 1],
             seeds=(0,),
             num_train_steps=steps * 3 // 10,
         ))
