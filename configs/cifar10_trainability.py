@@ -12,7 +12,8 @@ before compiling anything with a one-line error naming the dataset and the data_
 
 Nets: `family='cifar_resnet'`, width 16, option-A shortcuts, 20 / 56 / 110 weight layers (n = 3,
 9, 18 blocks per stage), every method of `configs.digits_trainability.methods` (plain He, plain
-+ BN, critical tanh with delta-orthogonal kernels, v1 + BN, v2 + BN, SkipInit). Recipe: He et
++ BN, critical tanh with delta-orthogonal kernels, v1 + BN, v2 + BN, SkipInit, Fixup,
+NF-ResNet; kernel shaping is built for plain MLPs only). Recipe: He et
 al. 2015's, shortened to 32k iterations: SGD momentum 0.9, weight decay 1e-4 on every weight,
 batch 128, learning rate divided by 10 at 16k and 24k; 45k/5k train/validation split; 4-pixel
 pad + random crop + flip; no warm-up (every method gets the same recipe; the tuning picks each
@@ -29,7 +30,7 @@ ones).
 from configs import cifar10_he2015, digits_trainability
 
 LEARNING_RATES = {name: 0.1 for name in ("plain_he", "plain_bn", "plain_tanh_critical",
-                                         "v1_bn", "v2_bn", "skipinit")}
+                                         "v1_bn", "v2_bn", "skipinit", "fixup", "nf")}
 
 
 def get_config():
