@@ -259,27 +259,33 @@ def _run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    reporting.quiet_library_logs()
-    config = flags.FLAGS.config
-    common.command_line_family_switch(config)
+def run_sweep_app(app_name: str, check_config, first_run, run_sweep) -> None:
+    """The absl program of a sweep app (this one, `experiments.trainability`): flags `--config`
+    and `--workdir`; before anything compiles, `check_config(config)` and the data of
+    `first_run(config)` (its run config) prepared offline, then `run_sweep(config, workdir)`.
+    Bad input is one line `<app_name>: error: ...` (`common.run_main`)."""
 
-    def check():
-        common.check_workdir(flags.FLAGS.workdir)
-        check_config(config)
-        run = run_config(config, config.nets[0], config.seeds[0])
-        train_setup.input_shape(run)
-        for split in (run.data.train_split, run.data.eval_split):  # Prepared offline?
-            data.source(run.data.name, split, data_dir=run.data.data_dir)
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        reporting.quiet_library_logs()
+        config = flags.FLAGS.config
+        common.command_line_family_switch(config)
 
-    common.run_main("degradation", check, lambda: run_sweep(config, flags.FLAGS.workdir))
+        def check():
+            common.check_workdir(flags.FLAGS.workdir)
+            check_config(config)
+            train_setup.check_data(first_run(config))
 
+        common.run_main(app_name, check, lambda: run_sweep(config, flags.FLAGS.workdir))
 
-if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory (runs/, results.json, plots).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=common.parse_flags)
+
+
+if __name__ == "__main__":
+    run_sweep_app("degradation", check_config,
+                  lambda config: run_config(config, config.nets[0], config.seeds[0]), run_sweep)

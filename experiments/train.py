@@ -293,9 +293,7 @@ def main(argv):
 
     def check():  # Before anything compiles: config, dataset, workdir, resume.
         train_setup.check_config(config)
-        train_setup.input_shape(config)
-        for split in (config.data.train_split, config.data.eval_split):  # Prepared offline?
-            data.source(config.data.name, split, data_dir=config.data.data_dir)
+        train_setup.check_data(config)
         check_resume(config, workdir, allow)
         if jax.process_index() == 0:
             lock.__enter__()  # Held to the end of the process (re-entered by the run).

@@ -1,11 +1,12 @@
 """What a training config (configs/train.py's fields) sets up: its checks and the library objects
-it builds, shared by every app that trains (`experiments.train`, `experiments.degradation`).
+it builds, shared by every app that trains (`experiments.train`, `.degradation`,
+`.trainability`).
 
 - `check_config`: the boundary. Raises ValueError naming the first bad field and what it
   allows, before anything compiles or reads data.
 - `optim_config`, `build_programs`: the optimizer's and the compiled programs' inputs.
-- `train_batches`, `eval_batches`, `input_shape`, `evaluate`: the data section as loaders (a
-  `resflax.data.BatchCache` lets runs of one data stream share their batches).
+- `train_batches`, `eval_batches`, `input_shape`, `check_data`, `evaluate`: the data section
+  as loaders (a `resflax.data.BatchCache` lets runs of one data stream share their batches).
 """
 
 from __future__ import annotations
@@ -117,6 +118,15 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
             f"{meta.num_classes} classes"
         )
     return (1,) + tuple(shape)
+
+
+def check_data(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Before anything compiles: the dataset exists and both splits are prepared offline (a
+    clear error naming the dataset and `data_dir` otherwise); returns `input_shape(config)`."""
+    shape = input_shape(config)
+    for split in (config.data.train_split, config.data.eval_split):
+        data.source(config.data.name, split, data_dir=config.data.data_dir)
+    return shape
 
 
 def evaluate(programs: training.Programs, state, config: ml_collections.ConfigDict,

@@ -51,12 +51,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from experiments import common, degradation, gradient_flow, plots as plots_lib, reporting
 from experiments import train_setup
-from resflax import data, diagnostics
+from resflax import diagnostics
 
 RESULTS_FILE = "results.json"
 TUNING_FILE = "tuning.json"
@@ -466,27 +465,7 @@ def format_grid(grid: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    reporting.quiet_library_logs()
-    config = flags.FLAGS.config
-    common.command_line_family_switch(config)
-
-    def check():
-        common.check_workdir(flags.FLAGS.workdir)
-        check_config(config)
-        run = run_config(config, nets(config)[0], config.seeds[0])
-        train_setup.input_shape(run)
-        for split in (run.data.train_split, run.data.eval_split):  # Prepared offline?
-            data.source(run.data.name, split, data_dir=run.data.data_dir)
-
-    common.run_main("trainability", check, lambda: run_sweep(config, flags.FLAGS.workdir))
-
-
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (runs/, results.json, plots).")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=common.parse_flags)
+    degradation.run_sweep_app(
+        "trainability", check_config,
+        lambda config: run_config(config, nets(config)[0], config.seeds[0]), run_sweep)
