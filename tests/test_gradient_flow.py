@@ -96,11 +96,14 @@ def test_sweep_writes_results_json_and_plots(tmp_path):
     for name in ("act_grad_sq.png", "fwd_sq.png", "jac_spectral.png"):
         with open(os.path.join(workdir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not os.path.exists(os.path.join(workdir, gradient_flow.SPECTRUM_FILE))  # Off.
 
 
 def test_spectrum_option_writes_the_singular_value_density(tmp_path, monkeypatch):
     config = tiny_config()
-    config.sweep = TINY_SWEEP[:1] + TINY_SWEEP[2:]  # An MLP (with theory) and a conv net.
+    v1 = {"name": "v1", "model.family": "mlp", "model.block": "v1", "model.depth": 2,
+          "model.width": 8}
+    config.sweep = (TINY_SWEEP[0], v1)  # With theory (plain MLP) and without (v1).
     config.seeds = (0, 1)
     config.diagnostics.e2e_spectrum = True
     config.diagnostics.slq_steps = 4
@@ -113,7 +116,7 @@ def test_spectrum_option_writes_the_singular_value_density(tmp_path, monkeypatch
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     [(args, kwargs)] = drawn
     _, nodes, weights, labels = args
-    assert labels == ["plain", "cifar v1"]
+    assert labels == ["plain", "v1"]
     for name, pooled in zip(labels, nodes):
         runs = [r for r in results["runs"] if r["name"] == name]
         assert pooled.shape == (2 * 8, 4)  # Both seeds' [B, m] nodes, pooled.
@@ -121,9 +124,6 @@ def test_spectrum_option_writes_the_singular_value_density(tmp_path, monkeypatch
     plain = [r for r in results["runs"] if r["name"] == "plain"]
     assert kwargs["theory_mean_sq"] == [
         pytest.approx(sum(r["theory"]["e2e_jac_fro_sq"] for r in plain) / 2), None]
-    # Off by default: no figure.
-    gradient_flow.run(tiny_config(), str(tmp_path / "off"))
-    assert not os.path.exists(tmp_path / "off" / gradient_flow.SPECTRUM_FILE)
 
 
 def test_single_preset_with_overrides_and_gaussian_data_is_deterministic(tmp_path):
