@@ -7,7 +7,7 @@ A frozen, typed dataclass. Every field left at `None` takes its *family's* defau
 (`FAMILY_DEFAULTS`) in `__post_init__`, so choosing a family gives that family's net for every
 field not set; then every field is validated (a `ValueError` naming the field and the allowed
 values). The same object builds the module (`resflax.models.Network(config)`), plans its
-topology (`resflax.models.segments(config)`), feeds `resflax.theory.predict` and is what the apps
+topology (`resflax.topology.segments(config)`), feeds `resflax.theory.predict` and is what the apps
 and configs carry, as a `ml_collections.ConfigDict` (`config_dict`, `from_config_dict`) or JSON
 (`to_dict`, `from_dict`).
 

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resflax import checks, models
+from resflax import checks, topology
 from resflax.models import Network
 
 Array = jax.Array
@@ -150,7 +150,7 @@ def _block_variables(variables: Mapping, path: tuple[str, ...]) -> dict:
 
 def _apply_block(factory: Callable[..., Any], variables: Mapping, x: Array, train: bool,
                  beta: Array | None = None) -> Array:
-    """One block on `x`; `beta`: an 'nf' block's input scale (`models.Segment.betas`)."""
+    """One block on `x`; `beta`: an 'nf' block's input scale (`topology.Segment.betas`)."""
     block = factory()
     args = (x, train) if beta is None else (x, train, beta)
     if train:
@@ -186,8 +186,8 @@ def signal_statistics(signals) -> dict[str, Array]:
 
 
 def per_block_norms(model: Network, tree: Mapping) -> Array:
-    """`[L]`: the 2-norm of each block's part of a params-shaped tree (`models.per_block_norms`)."""
-    return models.per_block_norms(model.config, tree)
+    """`[L]`: the 2-norm of each block's part of a params-shaped tree (`topology.per_block_norms`)."""
+    return topology.per_block_norms(model.config, tree)
 
 
 def gradient_statistics(

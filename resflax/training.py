@@ -52,8 +52,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from resflax import checks, parallel
-from resflax.models import (block_location, build_model, is_stacked_path, per_block_norms,
-                            per_block_sums)
+from resflax.models import build_model
+from resflax.topology import block_location, is_stacked_path, per_block_norms, per_block_sums
 from resflax.layers import lookup
 
 Array = jax.Array

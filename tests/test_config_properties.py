@@ -29,7 +29,7 @@ from resflax import config as config_lib
 from resflax import conv, kernel_shaping, layers
 from resflax.blocks import BLOCK_KINDS, NORM_FREE_KINDS, SHORTCUTS
 from resflax.config import FAMILIES, FIELDS, IMAGENET_DEPTHS, ModelConfig
-from resflax.models import segments
+from resflax.topology import segments
 
 BATCH = 2
 COMPILING = settings(max_examples=20, deadline=None, derandomize=True, database=None,

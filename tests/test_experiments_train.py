@@ -119,7 +119,7 @@ def test_mock_cifar10_end_to_end(tmp_path):
 
 def test_block_grad_norms_split_scanned_layers():
     from resflax import build_model
-    from resflax.models import per_block_norms
+    from resflax.topology import per_block_norms
 
     model = build_model(dict(family="cifar_resnet", depth=14, width=2))  # 2 blocks per stage.
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3))))

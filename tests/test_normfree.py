@@ -5,7 +5,7 @@ clipping under `nn.scan` (per layer, exactly as the unrolled net).
 - Fixup: every residual branch outputs exactly 0 at init (so every block is `phi(shortcut(x))`,
   the identity on the stem's post-ReLU signal), the logits are exactly 0 (zero head), and the
   non-last branch layers have He's std times `L^(-1/(2m-2))`.
-- NF: the measured variance of every block input matches `beta_l^2` (`models.nf_betas`), scaled
+- NF: the measured variance of every block input matches `beta_l^2` (`topology.nf_betas`), scaled
   weight standardization gives zero-mean, unit-norm rows, and scanned blocks each get their own
   beta.
 
@@ -26,10 +26,11 @@ import optax
 import pytest
 
 import resflax
-from resflax import layers, models, theory, training
+from resflax import layers, models, theory, topology, training
 from resflax.blocks import pad_shortcut
 from resflax.config import ModelConfig
-from resflax.models import nf_betas, unroll_variables
+from resflax.models import unroll_variables
+from resflax.topology import nf_betas
 
 TINY_MLP = dict(family="mlp", depth=4, width=8, layers_per_block=2, num_classes=3)
 TINY_CIFAR = dict(family="cifar_resnet", depth=8, width=4, num_classes=3)
@@ -107,7 +108,7 @@ def test_fixup_is_identity_with_zero_logits_at_init(fields):
     xs = unstack(signals)
     flat = unroll_variables(variables)["params"]
     l = 0
-    for seg in models.segments(config.replace(scan=False)):
+    for seg in topology.segments(config.replace(scan=False)):
         l += 1
         block = seg.block()
         sub = flat
@@ -313,7 +314,7 @@ def test_nf_conv_signal_variance_matches_betas():
 ])
 def test_nf_scan_equals_unrolled(fields):
     config = ModelConfig.from_dict(fields)
-    stacked = [s for s in models.segments(config) if s.stacked and s.length > 1]
+    stacked = [s for s in topology.segments(config) if s.stacked and s.length > 1]
     if config.shortcut == "B":  # A stack whose blocks have distinct betas is what is tested.
         assert any(len(set(s.betas)) == s.length for s in stacked)
     assert_scan_matches_unrolled(fields, inputs(config, batch=2))
@@ -328,7 +329,7 @@ def test_nf_scanned_betas_are_per_block():
     x = inputs(config, batch=2)
     variables = model.init(jax.random.key(0), x)
     logits = model.apply(variables, x)[0]
-    (seg,) = models.segments(config)
+    (seg,) = topology.segments(config)
     assert len(set(seg.betas)) == seg.length == 4
     seg = seg._replace(path=seg.path[1:])  # Within the stage.
     baked = seg._replace(betas=(seg.betas[0],) * seg.length)

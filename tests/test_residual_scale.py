@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resflax import ModelConfig, build_model, models
+from resflax import ModelConfig, build_model, models, topology
 
 SKIPINIT = dict(block="v2", norm="none", residual_scale=0.0, learnable_residual_scale=True)
 NETS = {
@@ -41,7 +41,7 @@ def _signals(model, variables, x):
 def _shortcut_path(config: ModelConfig, x0: np.ndarray) -> list[np.ndarray]:
     """x_1..x_L of the net with every branch removed, from the topology alone (numpy)."""
     xs, x = [], x0
-    for plan in models.stage_plan(config):
+    for plan in topology.stage_plan(config):
         for i in range(plan.num_repeated + plan.separate_first):
             first = plan.separate_first and i == 0
             if first and plan.first_preact == "shared":
@@ -101,7 +101,7 @@ def test_scale_gradient_is_the_branch_output_against_the_signal_gradient():
     g_params, g_signals = jax.grad(lambda p, z: loss_of(p, z), argnums=(0, 1))(
         variables["params"], zeros)
     g_signals = [g for segment in g_signals for g in np.asarray(segment)]
-    segs = models.segments(model.config)
+    segs = topology.segments(model.config)
     for l, seg in enumerate(segs, start=1):
         block_vars = variables["params"]
         for key in seg.path:
