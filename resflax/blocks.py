@@ -191,7 +191,9 @@ class Block(nn.Module):
         )
 
     def _scalar(self, name: str, value: float) -> Array:
-        """A learnable scalar starting at `value`, in the compute dtype (see `_alpha`)."""
+        """A learnable scalar starting at `value`, in the compute dtype, like every layer's
+        parameters (promote_dtype): a float32 scalar would promote a bfloat16 block's output
+        (and break nn.scan's carry)."""
         p = self.param(name, nn.initializers.constant(value), (), self.param_dtype)
         return p if self.dtype is None else p.astype(self.dtype)
 
@@ -203,13 +205,7 @@ class Block(nn.Module):
 
     def _alpha(self) -> Array | float:
         if self.learnable_residual_scale:
-            alpha = self.param(
-                "residual_scale", nn.initializers.constant(self.residual_scale), (),
-                self.param_dtype,
-            )
-            # In the compute dtype, like every layer's parameters (promote_dtype): a float32
-            # alpha would promote a bfloat16 block's output (and break nn.scan's carry).
-            return alpha if self.dtype is None else alpha.astype(self.dtype)
+            return self._scalar("residual_scale", self.residual_scale)
         return self.residual_scale
 
     def _projection(self, x: Array) -> Array:
