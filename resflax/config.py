@@ -119,14 +119,18 @@ class ModelConfig:
         `residual_scale` (SkipInit / ReZero: residual_scale=0).
       activation_transform: 'none', 'dks' (Deep Kernel Shaping, Martens et al. 2021: phi_hat(x)
         = gamma (phi(alpha x + beta) + delta), activation one of
-        `kernel_shaping.DKS_ACTIVATIONS`) or 'tat' (Tailored Activation Transformation for
-        Leaky ReLU, Zhang et al. 2022: activation='leaky_relu' with a solved slope). Every
-        layer applies phi_hat, solved for L = `kernel_shaping.nonlinear_depth(self)` nonlinear
-        layers. Needs a plain MLP (family='mlp', block='plain', norm='none') with q-preserving
-        weights: init 'orthogonal' or 'delta_orthogonal', weight_scale=1, bias_scale=0,
-        zero_init_residual=False.
+        `kernel_shaping.DKS_ACTIVATIONS`) or 'tat' (Tailored Activation Transformation, Zhang
+        et al. 2022: activation='leaky_relu' with a solved slope, or a smooth activation of
+        `kernel_shaping.TAT_SMOOTH_ACTIVATIONS` transformed like DKS's). Every layer applies
+        phi_hat, solved for L = `kernel_shaping.nonlinear_depth(self)` nonlinear layers. Needs
+        a plain net without norm (block='plain', norm='none'): family='mlp' with init
+        'orthogonal', 'delta_orthogonal' or 'scaled_delta_orthogonal', or family='cifar_resnet'
+        (basic blocks) with init 'scaled_delta_orthogonal' (q-preserving at the widening
+        convs); weight_scale=1, bias_scale=0, zero_init_residual=False.
       shaping_target: the transform's target for the whole net: DKS's xi = C_f'(1) > 1 (default
-        1.5), TAT's eta = C_f(0) in (0, 1) (default 0.9); None with activation_transform='none'.
+        1.5); Leaky-ReLU TAT's eta = C_f(0) in (0, 1) (default 0.9); smooth TAT's tau =
+        C_f''(1) > 0 (default 0.3, the TAT reference's; C_f'(1) = 1 there). None with
+        activation_transform='none'.
       nf_alpha: block='nf' only: alpha, the NF-ResNet branch multiplier (the variance grows by
         alpha^2 per block; 0.2 in the paper).
       num_classes: outputs of the head.
@@ -255,31 +259,47 @@ class ModelConfig:
                     f"shaping_target={self.shaping_target!r} applies only with "
                     "activation_transform='dks' or 'tat' (activation_transform='none')")
             return
+        kind = kernel_shaping.target_kind(transform, self.activation)
         if self.shaping_target is None:
-            self._set("shaping_target", kernel_shaping.DEFAULT_TARGETS[transform])
+            self._set("shaping_target", kernel_shaping.DEFAULT_TARGETS[kind])
         target = checks.number("shaping_target", self.shaping_target, finite=True)
         self._set("shaping_target", target)
-        if transform == "dks" and not target > 1.0:
+        if kind == "xi" and not target > 1.0:
             raise ValueError(f"shaping_target={target!r} must be a number > 1 with "
                              "activation_transform='dks' (xi, the compound C-map slope C_f'(1))")
-        if transform == "tat" and not 0.0 < target < 1.0:
+        if kind == "eta" and not 0.0 < target < 1.0:
             raise ValueError(f"shaping_target={target!r} must be in (0, 1) with "
-                             "activation_transform='tat' (eta, the compound C-map value C_f(0))")
+                             "activation_transform='tat' and activation='leaky_relu' (eta, the "
+                             "compound C-map value C_f(0))")
+        if kind == "tau" and not target > 0.0:
+            raise ValueError(f"shaping_target={target!r} must be a number > 0 with "
+                             f"activation_transform='tat' and activation={self.activation!r} "
+                             "(tau, the compound C-map curvature C_f''(1))")
         why = f"with activation_transform={transform!r}"
         activations = (kernel_shaping.DKS_ACTIVATIONS if transform == "dks"
                        else kernel_shaping.TAT_ACTIVATIONS)
+        conv = self.family != "mlp"
+        # Convs need the widening layers rescaled (kernel_shaping docstring, Conv nets).
+        inits = ("scaled_delta_orthogonal",) if conv else (
+            "orthogonal", "delta_orthogonal", "scaled_delta_orthogonal")
         requirements = (
             # (field, allowed values, why): the theory's assumptions (kernel_shaping docstring).
-            ("family", ("mlp",), "kernel shaping is implemented for plain MLPs"),
+            ("family", kernel_shaping.SHAPED_FAMILIES,
+             "kernel shaping is implemented for plain MLPs and plain CIFAR nets (the ImageNet "
+             "stem's max-pool has no kernel map)"),
             ("block", ("plain",), "no skip connections"),
             ("norm", ("none",), "no normalization layers"),
-            ("init", ("orthogonal", "delta_orthogonal"),
-             "q-preserving orthogonal weights at init"),
+            ("bottleneck", (False,), "a bottleneck's 1x1 reduction 4w -> w keeps q only in "
+             "expectation"),
+            ("init", inits,
+             "q-preserving weights at init: delta-orthogonal rescaled by sqrt(C_out / C_in) at "
+             "the widening convs" if conv else "q-preserving orthogonal weights at init"),
             ("weight_scale", (1.0,), "orthogonal weights of gain 1 keep q"),
             ("bias_scale", (0.0,), "no biases at init"),
             ("zero_init_residual", (False,), "a zero last layer would cut the signal"),
             ("activation", activations,
-             "DKS needs a smooth activation" if transform == "dks" else "TAT for Leaky ReLU"),
+             "DKS needs a smooth activation" if transform == "dks"
+             else "TAT for Leaky ReLU or a smooth activation"),
         )
         for name, allowed, reason in requirements:
             value = getattr(self, name)
@@ -365,13 +385,19 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with `changes`; a changed `family` restarts from that family's defaults for
-        every field not in `changes`; a changed `activation_transform` takes its own default
-        `shaping_target` unless that is in `changes` too."""
+        every field not in `changes`; a change of what `shaping_target` means (the transform,
+        or TAT's activation between leaky_relu and a smooth one) takes the new target's default
+        unless `shaping_target` is in `changes` too."""
         if "family" in changes and changes["family"] != self.family:
             return ModelConfig.from_dict(changes)
-        if changes.get("activation_transform", self.activation_transform) != (
-                self.activation_transform) and "shaping_target" not in changes:
-            changes = dict(changes, shaping_target=None)  # The new transform's default.
+        from resflax import kernel_shaping  # Imported here: kernel_shaping -> config.
+
+        kind = kernel_shaping.target_kind(
+            changes.get("activation_transform", self.activation_transform),
+            changes.get("activation", self.activation))
+        if kind != kernel_shaping.target_kind(self.activation_transform, self.activation) and (
+                "shaping_target" not in changes):
+            changes = dict(changes, shaping_target=None)  # The new target's default.
         return dataclasses.replace(self, **changes)
 
 

@@ -34,6 +34,31 @@ homogeneous, so Q(q) = q exactly; its local C-map in closed form is
 and the slope a in [0, 1] is the one with C_f(0) = C^(L)(0) = eta (default eta = 0.9), found by
 bisection (C_f(0) falls monotonically from the ReLU value at a = 0 to 0 at a = 1).
 
+TAT for smooth activations (Zhang et al. 2022, sec. 4.3 and their appendix pseudocode; the
+reference, google-deepmind/dks `dks/base/activation_transform.py`, `tat_params` with
+"c_curve_target"): phi_hat(x) = gamma (phi(alpha x + beta) + delta) with
+
+    Q(1) = 1       gamma = E[(phi(alpha z + beta) + delta)^2]^(-1/2)
+    Q'(1) = 1      }
+    C'(1) = 1      }  three equations in (alpha, beta, delta)
+    C''(1) = tau / L   }  so that the compound curvature C_f''(1) = tau (default tau = 0.3)
+
+where C''(1) = E[phi_hat''(z)^2] (Price's theorem twice). With C(1) = 1 and C'(1) = 1 at every
+layer the chain rule adds the curvatures, (C o D)''(1) = C''(1) D'(1)^2 + C'(1) D''(1) =
+C''(1) + D''(1), so C_f''(1) = L C''(1) on a plain net's one path. C(0) = E[phi_hat]^2 is not
+constrained (delta is a free parameter here, unlike DKS). Solutions with alpha gamma >= 2 are
+rejected, as the reference does (its note: they "seem to have unstable Q maps and higher kernel
+approximation errors").
+
+Conv nets (family='cifar_resnet', plain blocks, no norm): with delta-orthogonal kernels each
+conv acts at init on every pixel's channel vector alone, by its centre tap, so the per-pixel
+Q/C maps are the MLP's, provided that tap keeps q. `layers`' 'scaled_delta_orthogonal' (DKS's
+SUO-Delta) does so exactly when a layer widens (the stem, each stage's first conv, C -> 2C);
+plain 'delta_orthogonal' would halve q at every widening. Zero 'SAME' padding only meets the
+off-centre taps, which are zero; a stride 2 only drops pixels. The plain net has no shortcut
+(option A or otherwise). The global average pool before the linear head then averages features
+of different pixels: the theory describes each pixel's kernel, not the pooled one.
+
 `Transform` holds the solved parameters; `transformed_activation` builds phi_hat as a JAX
 function; `for_config` / `activation_for` do it for a `resflax.ModelConfig` (depth L =
 `nonlinear_depth(config)`). See docs/architecture.md, Kernel shaping, for the deviations.
@@ -56,17 +81,42 @@ if TYPE_CHECKING:
     from resflax.config import ModelConfig
 
 TRANSFORMS = ("none", "dks", "tat")
-# xi (DKS: the compound C-map slope C_f'(1)) and eta (TAT: the compound value C_f(0)).
-DEFAULT_TARGETS = {"dks": 1.5, "tat": 0.9}
+# The targets, per kind: xi (DKS: the compound C-map slope C_f'(1)), eta (Leaky-ReLU TAT: the
+# compound value C_f(0)) and tau (smooth TAT: the compound curvature C_f''(1)); the defaults are
+# the papers' and the reference implementation's.
+DEFAULT_TARGETS = {"xi": 1.5, "eta": 0.9, "tau": 0.3}
 # DKS needs two free shape parameters (alpha, beta): smooth activations. Positively homogeneous
 # ones (relu, leaky_relu) lose alpha (phi(alpha x + beta) = alpha phi(x + beta / alpha)), so
 # their conditions are two equations in one unknown; elu and selu are not validated here.
 DKS_ACTIVATIONS = ("erf", "gelu", "sigmoid", "softplus", "swish", "tanh")
-TAT_ACTIVATIONS = ("leaky_relu",)
+# TAT: Leaky ReLU (its slope solved), or a smooth activation (alpha, beta, delta solved).
+# Not sigmoid = (1 + tanh(x / 2)) / 2: its solutions are tanh's with alpha gamma four times
+# larger (above `_TAT_MAX_GAIN`), so the reference's rejection rule leaves none.
+TAT_SMOOTH_ACTIVATIONS = ("erf", "gelu", "softplus", "swish", "tanh")
+TAT_ACTIVATIONS = ("leaky_relu",) + TAT_SMOOTH_ACTIVATIONS
+# Families whose plain nets have a per-layer kernel map (`nonlinear_depth`): the ImageNet stem's
+# max-pool has none.
+SHAPED_FAMILIES = ("mlp", "cifar_resnet")
 
 _SOLVE_TOL = 1e-12  # Residual of the DKS conditions a solution must reach.
 # Starting points (log alpha, beta) of the DKS root finder, tried in order.
 _DKS_STARTS = ((0.0, 0.5), (math.log(0.3), 1.0), (math.log(0.1), 0.3), (math.log(3.0), 2.0))
+# Starting points (log alpha, beta, delta) of the smooth-TAT root finder, tried in order: the
+# solutions of the activations here have |beta| ~ 0.5 and delta near -phi(beta).
+_TAT_STARTS = tuple((la, b, d) for la in (math.log(0.3), 0.0, math.log(0.1))
+                    for b, d in ((0.5, -0.5), (-0.5, 0.5), (0.5, -1.0), (1.0, -1.0), (0.0, 0.0)))
+# Smooth TAT rejects solutions with alpha gamma at or above this (module docstring).
+_TAT_MAX_GAIN = 2.0
+
+
+def target_kind(transform: str, activation: str) -> str | None:
+    """What `shaping_target` means: 'xi' (DKS), 'eta' (TAT, leaky_relu), 'tau' (TAT, smooth),
+    None without a transform."""
+    if transform == "none":
+        return None
+    if transform == "dks":
+        return "xi"
+    return "eta" if activation == "leaky_relu" else "tau"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +127,11 @@ class Transform:
       method: 'dks' or 'tat'.
       activation: the registry name of phi ('leaky_relu' for TAT, whose slope is below).
       depth: L, the nonlinear layers the transform is solved for.
-      target: xi = C_f'(1) (DKS) or eta = C_f(0) (TAT).
+      target: xi = C_f'(1) (DKS), eta = C_f(0) (Leaky-ReLU TAT) or tau = C_f''(1) (smooth
+        TAT).
       input_scale, input_shift, output_scale, output_shift: alpha, beta, gamma, delta.
-      negative_slope: TAT's leaky-ReLU slope a (None for DKS, whose phi is the registry's).
+      negative_slope: TAT's leaky-ReLU slope a (None for DKS and smooth TAT, whose phi is the
+        registry's).
     """
 
     method: str
@@ -131,10 +183,11 @@ class LocalMaps(NamedTuple):
     q_slope: float  # Q'(1)
     c_slope: float  # C'(1)
     c_zero: float  # C(0)
+    c_curvature: float  # C''(1) = E[phi_hat''(z)^2]
 
 
 def local_maps(transform: Transform, num_points: int = theory.NUM_POINTS) -> LocalMaps:
-    """Q(1), Q'(1), C'(1), C(0) of phi_hat by `theory`'s quadrature.
+    """Q(1), Q'(1), C'(1), C(0), C''(1) of phi_hat by `theory`'s quadrature.
 
     phi_hat's only possible kink is the leaky ReLU's at 0 (TAT: beta = 0; DKS's activations are
     smooth), where `theory`'s rules are graded. C(0) is `theory.c_map` at c = 0 (not
@@ -142,12 +195,14 @@ def local_maps(transform: Transform, num_points: int = theory.NUM_POINTS) -> Loc
     """
     phi_hat = transformed_activation(transform)
     dphi_hat = jax.vmap(jax.grad(phi_hat))
+    d2phi_hat = jax.vmap(jax.grad(jax.grad(phi_hat)))
     expect = functools.partial(theory.gaussian_expectation, q=1.0, num_points=num_points)
     return LocalMaps(
         q_value=expect(lambda x: phi_hat(x) ** 2),
         q_slope=expect(lambda x: phi_hat(x) * dphi_hat(x) * x),
         c_slope=expect(lambda x: dphi_hat(x) ** 2),
         c_zero=theory.c_map(phi_hat, 0.0, num_points=num_points),
+        c_curvature=expect(lambda x: d2phi_hat(x) ** 2),
     )
 
 
@@ -194,7 +249,7 @@ def _shape_stats(phi: Callable[[Any], Any], alpha: float, beta: float) -> _Shape
 
 
 @functools.lru_cache(maxsize=None)
-def solve_dks(activation: str, depth: int, xi: float = DEFAULT_TARGETS["dks"]) -> Transform:
+def solve_dks(activation: str, depth: int, xi: float = DEFAULT_TARGETS["xi"]) -> Transform:
     """The DKS transform of `activation` for L = `depth` nonlinear layers and C_f'(1) = xi.
 
     Solves Q'(1) = 1 and log C'(1) = log(xi) / L for (log alpha, beta) with MINPACK's hybrid
@@ -271,7 +326,7 @@ def leaky_relu_compound_c_zero(negative_slope: float, depth: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def solve_tat(depth: int, eta: float = DEFAULT_TARGETS["tat"], tol: float = 1e-15) -> Transform:
+def solve_tat(depth: int, eta: float = DEFAULT_TARGETS["eta"], tol: float = 1e-15) -> Transform:
     """TAT for Leaky ReLU: the slope a in [0, 1] with C_f(0) = eta after L = `depth` layers.
 
     Bisection on a: C_f(0) decreases strictly from the ReLU value (a = 0) to 0 (a = 1), since
@@ -306,27 +361,120 @@ def solve_tat(depth: int, eta: float = DEFAULT_TARGETS["tat"], tol: float = 1e-1
                      math.sqrt(2.0 / (1.0 + a * a)), 0.0, negative_slope=a)
 
 
+# ----------------------------------------------------------------------------- TAT (smooth)
+
+
+class _TailoredStats(NamedTuple):
+    output_scale: float  # gamma = E[f^2]^(-1/2), f = phi(alpha z + beta) + delta
+    q_slope: float  # Q'(1) of phi_hat = gamma f
+    c_slope: float  # C'(1) of it
+    c_curvature: float  # C''(1) of it
+
+
+def _tailored_stats(phi: Callable[[Any], Any], alpha: float, beta: float,
+                    delta: float) -> _TailoredStats:
+    """Smooth TAT's quantities of phi_hat = gamma (phi(alpha x + beta) + delta), Q(1) = 1.
+
+    With f = phi(alpha x + beta) + delta and gamma^2 = 1 / E[f^2]: Q'(1) = gamma^2 alpha
+    E[f phi' z], C'(1) = gamma^2 alpha^2 E[phi'^2], C''(1) = gamma^2 alpha^4 E[phi''^2], phi'
+    and phi'' taken at alpha z + beta.
+    """
+    dphi = jax.vmap(jax.grad(phi))
+    d2phi = jax.vmap(jax.grad(jax.grad(phi)))
+    expect = functools.partial(theory.gaussian_expectation, q=1.0)  # phi smooth: no kink.
+    m2 = expect(lambda x: (phi(alpha * x + beta) + delta) ** 2)
+    fdz = expect(lambda x: (phi(alpha * x + beta) + delta) * dphi(alpha * x + beta) * x)
+    d1 = expect(lambda x: dphi(alpha * x + beta) ** 2)
+    d2 = expect(lambda x: d2phi(alpha * x + beta) ** 2)
+    return _TailoredStats(m2 ** -0.5, alpha * fdz / m2, alpha**2 * d1 / m2, alpha**4 * d2 / m2)
+
+
+@functools.lru_cache(maxsize=None)
+def solve_tat_smooth(activation: str, depth: int,
+                     tau: float = DEFAULT_TARGETS["tau"]) -> Transform:
+    """TAT of a smooth `activation` for L = `depth` nonlinear layers and C_f''(1) = tau.
+
+    Solves Q'(1) = 1, log C'(1) = 0 and log C''(1) = log(tau / L) (logs: at large L the
+    curvature is tiny) for (log alpha, beta, delta) with MINPACK's hybrid Powell method, from
+    the starting points `_TAT_STARTS`, keeping the first solution with alpha gamma <
+    `_TAT_MAX_GAIN` (module docstring); gamma follows from Q(1) = 1.
+
+    Args:
+      activation: one of `TAT_SMOOTH_ACTIVATIONS`.
+      depth: L >= 1.
+      tau: the target curvature of the compound C-map, a finite number > 0.
+
+    Returns:
+      A `Transform` (method 'tat', `negative_slope` None) meeting the conditions to ~1e-12.
+
+    Raises:
+      ValueError: an argument out of range, or no accepted solution.
+    """
+    if activation not in TAT_SMOOTH_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} has no smooth TAT transform here; allowed "
+                         f"values: {list(TAT_SMOOTH_ACTIVATIONS)}")
+    depth = int(depth)
+    if depth < 1 or not (0.0 < tau < math.inf):
+        raise ValueError(f"depth={depth!r} must be >= 1 and tau={tau!r} a finite number > 0")
+    phi = layers.activation(activation)
+    log_curvature = math.log(tau / depth)
+
+    def residuals(p):
+        stats = _tailored_stats(phi, math.exp(p[0]), p[1], p[2])
+        return [stats.q_slope - 1.0, math.log(stats.c_slope),
+                math.log(stats.c_curvature) - log_curvature]
+
+    for start in _TAT_STARTS:
+        try:
+            with np.errstate(all="ignore"):
+                root = optimize.root(residuals, start, method="hybr", options=dict(xtol=1e-14))
+        except (ArithmeticError, ValueError):  # A step into a degenerate shape (E[f^2] = 0).
+            continue
+        if not np.all(np.isfinite(root.x)):
+            continue
+        alpha, beta, delta = math.exp(root.x[0]), float(root.x[1]), float(root.x[2])
+        stats = _tailored_stats(phi, alpha, beta, delta)
+        if (max(abs(r) for r in residuals(root.x)) <= _SOLVE_TOL
+                and alpha * stats.output_scale < _TAT_MAX_GAIN):
+            return Transform("tat", activation, depth, float(tau), alpha, beta,
+                             stats.output_scale, delta)
+    raise ValueError(
+        f"shaping_target={tau!r} is not reachable by smooth TAT with activation={activation!r} "
+        f"at depth L={depth}: no (alpha, beta, delta) with Q'(1) = 1, C'(1) = 1 and C''(1) = "
+        f"tau / L = {tau / depth:.6g} (and alpha gamma < {_TAT_MAX_GAIN})")
+
+
 # ----------------------------------------------------------------------------- model configs
 
 
 def nonlinear_depth(config: ModelConfig) -> int:
-    """L: the nonlinear layers on the longest input-output path of `config`'s net.
+    """L: the phi_hat applications on the (one) input-output path of `config`'s plain net.
 
-    The transforms apply to plain MLPs (`ModelConfig` validates it): a linear stem, `depth`
-    blocks of `layers_per_block` dense layers each followed by phi_hat, and a linear head, so
-    L = depth * layers_per_block.
+    The transforms apply to plain nets without norm (`ModelConfig` validates it):
+    - MLP: a linear stem, `depth` blocks of `layers_per_block` dense layers each followed by
+      phi_hat, a linear head: L = depth * layers_per_block.
+    - CIFAR (basic blocks): the stem's conv followed by phi_hat (`stems.ConvStem`), then 3n
+      blocks of two convs each followed by phi_hat (`blocks.Block`, kind 'plain'), the global
+      average pool and a linear head: L = 1 + 2 * 3n = depth - 1, every weight layer but the
+      head (He et al.'s plain-20: 19 convs + 1 fc).
     """
-    return config.depth * (config.layers_per_block or 1)
+    if config.family == "mlp":
+        return config.depth * (config.layers_per_block or 1)
+    convs_per_block = 3 if config.bottleneck else 2
+    return 1 + convs_per_block * config.num_blocks
 
 
 def for_config(config: ModelConfig) -> Transform | None:
     """The `Transform` of `config` (cached per activation, L and target), None for 'none'."""
-    if config.activation_transform == "none":
+    kind = target_kind(config.activation_transform, config.activation)
+    if kind is None:
         return None
     depth = nonlinear_depth(config)
-    if config.activation_transform == "dks":
+    if kind == "xi":
         return solve_dks(config.activation, depth, config.shaping_target)
-    return solve_tat(depth, config.shaping_target)
+    if kind == "eta":
+        return solve_tat(depth, config.shaping_target)
+    return solve_tat_smooth(config.activation, depth, config.shaping_target)
 
 
 def activation_for(config: ModelConfig) -> Callable[[Any], Any]:

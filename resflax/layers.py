@@ -138,6 +138,26 @@ def _delta_orthogonal(weight_scale: float) -> Initializer:
     return init
 
 
+def _scaled_delta_orthogonal(weight_scale: float) -> Initializer:
+    """DKS's SUO-Delta kernel (Martens et al. 2021, "Parameter distributions"; the reference's
+    `ScaledUniformOrthogonal(delta=True)`): `_delta_orthogonal` times max(1, sqrt(out / in)).
+
+    The correction makes a widening layer keep q: with a `[in, out]` centre tap K = g R,
+    R R^T = I_in, g^2 = out / in, each pixel's `y = x K` has ||y||^2 / out = ||x||^2 / in, and
+    inner products scale alike, so the per-pixel kernel (q and c) passes unchanged. A
+    narrowing layer (in > out: orthonormal columns) keeps q only in expectation over the
+    direction of x. A dense kernel gets the same rescaled orthogonal matrix.
+    """
+    delta_orthogonal = _delta_orthogonal(weight_scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        correction = max(1.0, math.sqrt(shape[-1] / shape[-2]))
+        kernel = delta_orthogonal(key, shape, jnp.promote_types(dtype, jnp.float32))
+        return (kernel * correction).astype(dtype)
+
+    return init
+
+
 INITIALIZERS: dict[str, Callable[[float], Initializer]] = {
     "normal": _variance_scaling(1.0, "fan_in", "normal"),
     "he_normal": _variance_scaling(2.0, "fan_in", "normal"),
@@ -147,6 +167,7 @@ INITIALIZERS: dict[str, Callable[[float], Initializer]] = {
     "lecun_normal": _variance_scaling(1.0, "fan_in", "normal"),
     "orthogonal": _orthogonal,
     "delta_orthogonal": _delta_orthogonal,
+    "scaled_delta_orthogonal": _scaled_delta_orthogonal,
     "zeros": lambda weight_scale: nn.initializers.zeros,
 }
 
@@ -157,7 +178,9 @@ def initializer(name: str, weight_scale: float = 1.0) -> Initializer:
     `weight_scale` multiplies the standard deviation of every initializer: `normal` draws
     `W ~ N(0, sigma_w^2 / fan_in)`, `he_normal` `N(0, 2 sigma_w^2 / fan_in)`, `glorot_normal`
     `N(0, 2 sigma_w^2 / (fan_in + fan_out))`, the uniform variants have the same variances,
-    `orthogonal` / `delta_orthogonal` are (semi-)orthogonal times sigma_w, `zeros` is 0. For a
+    `orthogonal` / `delta_orthogonal` are (semi-)orthogonal times sigma_w,
+    `scaled_delta_orthogonal` is `delta_orthogonal` times max(1, sqrt(out / in)) (q-preserving
+    when widening; DKS's SUO-Delta), `zeros` is 0. For a
     kernel `[*window, in, out]`, `fan_in = prod(window) * in` and `fan_out = prod(window) * out`.
 
     Args:

@@ -75,6 +75,8 @@ _SIGMA_W2_FACTOR: dict[str, Callable[[int, int], float]] = {
     "glorot_uniform": lambda fan_in, fan_out: 2.0 * fan_in / (fan_in + fan_out),
     "orthogonal": lambda fan_in, fan_out: 1.0,
     "delta_orthogonal": lambda fan_in, fan_out: 1.0,  # A dense kernel is plain orthogonal.
+    # max(1, out / in) times orthogonal's per-entry variance: exactly 1 for every shape.
+    "scaled_delta_orthogonal": lambda fan_in, fan_out: 1.0,
     "zeros": lambda fan_in, fan_out: 0.0,
 }
 
@@ -804,8 +806,9 @@ def effective_sigma_w2(init: str, weight_scale: float, fan_in: int, fan_out: int
 
     normal, lecun_normal: weight_scale^2; he_normal, he_uniform: 2 weight_scale^2; glorot_*:
     weight_scale^2 * 2 fan_in / (fan_in + fan_out); orthogonal, delta_orthogonal (a dense
-    kernel is plain orthogonal): weight_scale^2 (second moment only; the spectrum differs from
-    Gaussian, Pennington et al. 2017); zeros: 0. Uniform variants have the same variance.
+    kernel is plain orthogonal), scaled_delta_orthogonal: weight_scale^2 (second moment only;
+    the spectrum differs from Gaussian, Pennington et al. 2017); zeros: 0. Uniform variants
+    have the same variance.
 
     Args:
       init: a name in `resflax.layers.INITIALIZERS` (the model field `init`).
