@@ -13,24 +13,26 @@ before compiling anything with a one-line error naming the dataset and the data_
 Nets: `family='cifar_resnet'`, width 16, option-A shortcuts, 20 / 56 / 110 weight layers (n = 3,
 9, 18 blocks per stage), every method of `configs.digits_trainability.methods` (plain He, plain
 + BN, critical tanh with delta-orthogonal kernels, v1 + BN, v2 + BN, SkipInit, Fixup,
-NF-ResNet; kernel shaping is built for plain MLPs only). Recipe: He et
-al. 2015's, shortened to 32k iterations: SGD momentum 0.9, weight decay 1e-4 on every weight,
-batch 128, learning rate divided by 10 at 16k and 24k; 45k/5k train/validation split; 4-pixel
-pad + random crop + flip; no warm-up (every method gets the same recipe; the tuning picks each
+NF-ResNet, and the shaped plain nets TAT and DKS on scaled delta-orthogonal kernels). Recipe:
+He et al. 2015's, shortened to 32k iterations: SGD momentum 0.9, weight decay 1e-4 on every
+weight, batch 128, learning rate divided by 10 at 16k and 24k; 45k/5k train/validation split;
+4-pixel pad + random crop + flip; no warm-up (every method gets the same recipe; the tuning picks each
 rate). 3 seeds.
 
 Learning rates: NOT tuned here (this project's machines have no GPU/TPU for the tuning). The
-shipped rates are He et al.'s 0.1 for every method; run the tuning preset above (each method at
-56 layers, seed 0, 30% of the steps, over `config.tuning.learning_rates`) and copy its
-`chosen` rates into `LEARNING_RATES` before trusting a comparison. Time: not measured (about 3x
-He et al.'s ResNet runs per method and seed: hours per net on one modern GPU for the 110-layer
-ones).
+shipped rates are He et al.'s 0.1 for every method but the shaped plain nets, which take the
+digits MLP's tuned 0.001 (TAT) and 0.002 (DKS) as placeholders; run the tuning preset above
+(each method at 56 layers, seed 0, 30% of the steps, over `config.tuning.learning_rates`) and
+copy its `chosen` rates into `LEARNING_RATES` before trusting a comparison. Time: not measured
+(about 3x He et al.'s ResNet runs per method and seed: hours per net on one modern GPU for the
+110-layer ones).
 """
 
 from configs import cifar10_he2015, digits_trainability
 
 LEARNING_RATES = {name: 0.1 for name in ("plain_he", "plain_bn", "plain_tanh_critical",
                                          "v1_bn", "v2_bn", "skipinit", "fixup", "nf")}
+LEARNING_RATES.update(plain_tat=0.001, plain_dks=0.002)  # Placeholders (module docstring).
 
 
 def get_config():

@@ -15,8 +15,10 @@ of `config.depths` with every seed (3) with one recipe; only the learning rate i
   whether a method trains the deep net at all.
 - `conv`: He et al.'s CIFAR family at digits size (8x8x1 inputs: stages at 8x8, 4x4 and 2x2),
   n = 1 / 9 / 18 blocks per stage = 8 / 56 / 110 weight layers, option-A shortcuts, width 8
-  (He et al.: 16; halved to cut its time on 2 CPU cores), batch 32, 400 steps. No kernel
-  shaping (resflax builds it for plain MLPs only).
+  (He et al.: 16; halved to cut its time on 2 CPU cores), batch 32, 400 steps. Kernel
+  shaping (TAT, DKS) on the plain CIFAR net: delta-orthogonal weights rescaled at the widening
+  convs (`init='scaled_delta_orthogonal'`, DKS's SUO-Delta), L = weight layers - 1 shaped
+  layers (`resflax.kernel_shaping.nonlinear_depth`).
 
 Methods (`methods()`; adding one is one more entry):
 - `plain_he`: plain ReLU net, He-normal init, no normalization.
@@ -25,11 +27,11 @@ Methods (`methods()`; adding one is one more entry):
   (conv; Xiao et al. 2018) weights at the edge of chaos: sigma_b^2 = 0.01 and sigma_w^2 from
   `resflax.theory.critical_sigma_w2('tanh', 0.01)` (computed here, = 1.4242).
 - `plain_tat`: plain Leaky-ReLU net with Tailored Activation Transformation (Zhang et al.
-  2022): orthogonal weights, no bias, the slope solved so that the net's C-map has
-  C_f(0) = `TAT_ETA` (0.7).
-- `plain_dks`: plain tanh net with Deep Kernel Shaping (Martens et al. 2021): orthogonal
-  weights, no bias, phi_hat = gamma (tanh(alpha x + beta) + delta) solved for C_f'(1) =
-  `DKS_XI` (1.5).
+  2022): orthogonal (MLP) or scaled delta-orthogonal (conv) weights, no bias, the slope solved
+  so that the net's C-map has C_f(0) = `TAT_ETA` (0.7).
+- `plain_dks`: plain tanh net with Deep Kernel Shaping (Martens et al. 2021): orthogonal (MLP)
+  or scaled delta-orthogonal (conv) weights, no bias, phi_hat = gamma (tanh(alpha x + beta) +
+  delta) solved for C_f'(1) = `DKS_XI` (1.5).
 - `v1_bn`, `v2_bn`: the ResNet twins, post- (He et al. 2015) and pre-activation (He et al. 2016),
   He-normal, batch norm: the reference (`config.reference`) the gap is measured against.
 - `skipinit`: v2 residual net without normalization, the residual branch times a learnable
@@ -74,7 +76,9 @@ smaller than the residual ones: their function moves by about lr x depth per ste
 tuned (a tuning run at 56 layers was stopped after 7 of its 24 runs for lack of time: at 120
 steps, plain_he 2.300 / 2.297 / 2.294 / 2.302 at lr 0.01 / 0.03 / 0.1 / 0.3 and plain_bn
 1.976 / 2.135 / 2.067 at 0.01 / 0.03 / 0.1); its rates are the digits_degradation recipe's 0.05
-for every method until the tuning is run.
+for every method until the tuning is run, except `plain_tat` and `plain_dks`, which take the
+MLP's tuned 0.001 and 0.002 as placeholders (shaped plain nets need rates 10-100x below the
+others'); the conv rates of every method are to come from the conv tuning run.
 
 The gap: for each method and depth, `gap` = its mean final training loss minus the best mean of
 the `config.reference` twins at that depth; the method closes the degradation gap there when
@@ -100,15 +104,18 @@ LEARNING_RATES = {
     "mlp": {"plain_he": 0.001, "plain_bn": 0.1, "plain_tanh_critical": 0.005, "v1_bn": 0.02,
             "v2_bn": 0.2, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05, "plain_tat": 0.001,
             "plain_dks": 0.002},
+    # Not tuned (module docstring): placeholders until the conv tuning run.
     "conv": {"plain_he": 0.05, "plain_bn": 0.05, "plain_tanh_critical": 0.05, "v1_bn": 0.05,
-             "v2_bn": 0.05, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05},
+             "v2_bn": 0.05, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05, "plain_tat": 0.001,
+             "plain_dks": 0.002},
 }
 
 
 def methods(learning_rates: dict[str, float], conv: bool) -> tuple[dict, ...]:
     """One dict per method: its `name` and dotted overrides of the run config (the model's
     fields and the learning rate `learning_rates[name]`), `experiments.common`'s convention;
-    `conv`: delta-orthogonal instead of orthogonal weights for the critical tanh net."""
+    `conv`: delta-orthogonal instead of orthogonal weights for the critical tanh net, and its
+    q-preserving rescaling at the widening convs for the shaped ones."""
     lr = learning_rates
     critical_init = "delta_orthogonal" if conv else "orthogonal"
     relu_he = {"model.activation": "relu", "model.init": "he_normal"}
@@ -127,15 +134,16 @@ def methods(learning_rates: dict[str, float], conv: bool) -> tuple[dict, ...]:
         {"name": "nf", "model.block": "nf", "model.norm": "none", "model.shortcut": "B",
          **relu_he},
     )
-    if not conv:  # Kernel shaping is built for plain MLPs (resflax.kernel_shaping).
-        orthogonal = {"model.block": "plain", "model.norm": "none", "model.init": "orthogonal",
-                      "model.weight_scale": 1.0, "model.bias_scale": 0.0}
-        entries += (
-            {"name": "plain_tat", **orthogonal, "model.activation": "leaky_relu",
-             "model.activation_transform": "tat", "model.shaping_target": TAT_ETA},
-            {"name": "plain_dks", **orthogonal, "model.activation": "tanh",
-             "model.activation_transform": "dks", "model.shaping_target": DKS_XI},
-        )
+    # Kernel shaping's q-preserving weights (resflax.kernel_shaping).
+    shaped = {"model.block": "plain", "model.norm": "none",
+              "model.init": "scaled_delta_orthogonal" if conv else "orthogonal",
+              "model.weight_scale": 1.0, "model.bias_scale": 0.0}
+    entries += (
+        {"name": "plain_tat", **shaped, "model.activation": "leaky_relu",
+         "model.activation_transform": "tat", "model.shaping_target": TAT_ETA},
+        {"name": "plain_dks", **shaped, "model.activation": "tanh",
+         "model.activation_transform": "dks", "model.shaping_target": DKS_XI},
+    )
     return tuple({**m, "optim.learning_rate": lr[m["name"]]} for m in entries)
 
 

@@ -219,7 +219,8 @@ def compound_c_map(transform: Transform, c: float, depth: int | None = None,
     correlation c at q = 1.
     """
     for _ in range(transform.depth if depth is None else depth):
-        c = local_c_map(transform, c, num_points)
+        # min: at c = 1, C(1) = Q(1) = 1 up to rounding, which may land a few ulps above 1.
+        c = min(local_c_map(transform, c, num_points), 1.0)
     return c
 
 

@@ -1,8 +1,10 @@
-"""Kernel shaping (DKS, Leaky-ReLU TAT): the solved transforms meet their defining Q/C-map
-conditions by `resflax.theory`'s quadrature and by independent integrators (Gauss-Hermite,
-closed forms, Monte Carlo); deep plain MLPs built with them keep q ~ 1 and the predicted
-output correlations; the config fields validate."""
+"""Kernel shaping (DKS, Leaky-ReLU TAT, smooth TAT): the solved transforms meet their defining
+Q/C-map conditions by `resflax.theory`'s quadrature and by independent integrators
+(Gauss-Hermite, closed forms, Monte Carlo, numerical differentiation); deep plain MLPs and plain
+CIFAR conv nets built with them keep q ~ 1 and the predicted correlations (per pixel, for the
+convs); the config fields validate."""
 
+import functools
 import math
 
 import jax
@@ -15,6 +17,7 @@ from scipy.stats import norm
 import resflax
 from resflax import kernel_shaping as ks
 from resflax import theory
+from resflax.topology import segments
 from resflax.config import ModelConfig
 
 TOL = 1e-6  # The brief's bound; theory's quadrature reaches ~1e-12.
@@ -24,6 +27,11 @@ DKS_CASES = [("tanh", 1), ("tanh", 50), ("softplus", 10), ("softplus", 50), ("er
 NUMPY_PHI = {
     "tanh": (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
     "softplus": (lambda x: np.logaddexp(0.0, x), lambda x: 1.0 / (1.0 + np.exp(-x))),
+}
+# And their second derivatives (smooth TAT's C''(1) = E[phi_hat''^2]).
+NUMPY_D2PHI = {
+    "tanh": lambda x: -2.0 * np.tanh(x) * (1.0 - np.tanh(x) ** 2),
+    "softplus": lambda x: np.exp(-x) / (1.0 + np.exp(-x)) ** 2,
 }
 
 
@@ -177,6 +185,67 @@ def test_tat_rejects_unreachable_eta():
         ks.solve_tat(3, 0.9)
 
 
+# ----------------------------------------------------------------------------- TAT (smooth)
+
+TAT_SMOOTH_CASES = [("tanh", 1, 0.3), ("tanh", 19, 0.3), ("tanh", 109, 0.3), ("softplus", 7, 0.3),
+                    ("softplus", 55, 1.0), ("erf", 31, 0.3), ("gelu", 19, 0.3),
+                    ("swish", 19, 0.1)]
+
+
+def compound_curvature(transform, hs=(0.04, 0.02, 0.01, 0.005)):
+    """C_f''(1) of the compound map composed from `theory.c_map`, by the one-sided difference
+    (C_f(1) - 2 C_f(1 - h) + C_f(1 - 2h)) / h^2 (error a series in h) and Richardson's table."""
+    f = functools.partial(ks.compound_c_map, transform)
+    table = [(f(1.0) - 2 * f(1 - h) + f(1 - 2 * h)) / h**2 for h in hs]
+    for k in range(1, len(hs)):  # Halving h: eliminate the h^k term.
+        table = [(2**k * fine - coarse) / (2**k - 1) for coarse, fine in zip(table, table[1:])]
+    return table[0]
+
+
+@pytest.mark.parametrize("activation,depth,tau", TAT_SMOOTH_CASES)
+def test_smooth_tat_meets_its_conditions_by_theory(activation, depth, tau):
+    t = ks.solve_tat_smooth(activation, depth, tau)
+    assert t.method == "tat" and t.negative_slope is None and t.depth == depth
+    maps = ks.local_maps(t)
+    assert maps.q_value == pytest.approx(1.0, abs=TOL)  # Q(1) = 1
+    assert maps.q_slope == pytest.approx(1.0, abs=TOL)  # Q'(1) = 1
+    assert maps.c_slope == pytest.approx(1.0, abs=TOL)  # C'(1) = 1
+    assert maps.c_curvature == pytest.approx(tau / depth, abs=TOL)  # C''(1) = tau / L
+    assert t.input_scale * t.output_scale < 2.0  # The reference's rejection rule.
+
+
+@pytest.mark.parametrize("activation,depth,tau", [c for c in TAT_SMOOTH_CASES
+                                                  if c[0] in NUMPY_PHI])
+def test_smooth_tat_meets_its_conditions_by_gauss_hermite(activation, depth, tau):
+    t = ks.solve_tat_smooth(activation, depth, tau)
+    phi_hat, dphi_hat = numpy_phi_hat(t)
+    a, b, g = t.input_scale, t.input_shift, t.output_scale
+    d2phi_hat = lambda x: g * a * a * NUMPY_D2PHI[activation](a * x + b)
+    z, w = hermite_rule()
+    assert w @ phi_hat(z) ** 2 == pytest.approx(1.0, abs=TOL)  # Q(1)
+    assert w @ (phi_hat(z) * dphi_hat(z) * z) == pytest.approx(1.0, abs=TOL)  # Q'(1)
+    assert w @ dphi_hat(z) ** 2 == pytest.approx(1.0, abs=TOL)  # C'(1)
+    # The compound curvature by the chain rule: with C(1) = C'(1) = 1 the layers' add up.
+    assert depth * (w @ d2phi_hat(z) ** 2) == pytest.approx(tau, abs=TOL)
+
+
+@pytest.mark.parametrize("activation,depth,tau", [("tanh", 10, 0.3), ("softplus", 5, 0.3),
+                                                  ("gelu", 3, 1.0)])
+def test_smooth_tat_compound_c_map_has_curvature_tau(activation, depth, tau):
+    t = ks.solve_tat_smooth(activation, depth, tau)
+    assert ks.compound_c_map(t, 1.0) == pytest.approx(1.0, abs=1e-12)
+    h = 1e-4  # C_f'(1) = 1: the compound map is tangent to the identity at c = 1.
+    assert (1 - ks.compound_c_map(t, 1 - h)) / h == pytest.approx(1.0, abs=tau * h)
+    assert compound_curvature(t) == pytest.approx(tau, abs=TOL)
+
+
+def test_smooth_tat_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"^activation='sigmoid' has no smooth TAT"):
+        ks.solve_tat_smooth("sigmoid", 10)
+    with pytest.raises(ValueError, match="tau=0.0"):
+        ks.solve_tat_smooth("tanh", 10, 0.0)
+
+
 # ----------------------------------------------------------------------------- deep MLPs
 
 WIDTH, DEPTH, SEEDS = 64, 50, 16
@@ -207,8 +276,12 @@ def _measure(config):
     return np.asarray(q), np.asarray(corr)
 
 
-@pytest.mark.parametrize("fields", [dict(activation="tanh", activation_transform="dks"),
-                                    dict(activation="leaky_relu", activation_transform="tat")])
+SHAPINGS = [dict(activation="tanh", activation_transform="dks"),
+            dict(activation="leaky_relu", activation_transform="tat"),
+            dict(activation="tanh", activation_transform="tat")]
+
+
+@pytest.mark.parametrize("fields", SHAPINGS)
 def test_deep_plain_mlp_keeps_q_and_the_predicted_correlations(fields):
     config = ModelConfig(depth=DEPTH, width=WIDTH, init="orthogonal", num_classes=1, **fields)
     transform = ks.for_config(config)
@@ -257,12 +330,117 @@ def test_transformed_activation_keeps_the_dtype():
     assert logits.dtype == jnp.bfloat16
 
 
+# ----------------------------------------------------------------------------- plain conv nets
+
+CONV = dict(family="cifar_resnet", block="plain", norm="none", init="scaled_delta_orthogonal",
+            num_classes=1)
+
+
+def _pixel_pairs(key, c_in, correlations, size=8):
+    """Images `[2k, size, size, c_in]`: pair j (images 2j, 2j+1) has, at every pixel, channel
+    vectors of squared norm c_in (q = 1) and correlation `correlations[j]`, independent across
+    pixels."""
+    a, b = np.asarray(jax.random.normal(key, (2, size, size, c_in)), np.float64)
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    b -= np.sum(a * b, -1, keepdims=True) * a
+    b /= np.linalg.norm(b, axis=-1, keepdims=True)
+    images = [x for c in correlations for x in (a, c * a + math.sqrt(1 - c * c) * b)]
+    return jnp.asarray(math.sqrt(c_in) * np.stack(images), jnp.float32)
+
+
+def _layer_outputs(config, variables, x):
+    """x_0 .. x_L of the net at `variables`, one array `[B, H_l, W_l, C_l]` each."""
+    _, signals = resflax.build_model(config).apply(variables, x)
+    return [layer for seg in signals for layer in seg]
+
+
+def test_the_scaled_delta_orthogonal_conv_net_keeps_every_pixels_kernel_exactly():
+    # A linear plain net (identity activation): every conv, the stem's 3 -> 8 and the stride-2
+    # 8 -> 16 -> 32 widenings included, maps each (subsampled) pixel's channel vector by a
+    # rescaled isometry, so the per-pixel Gram matrix over channels / C is the input's, border
+    # pixels too ('SAME' padding meets only the zero off-centre taps).
+    config = ModelConfig(**dict(CONV, depth=14, width=8, activation="identity"))
+    x = jax.random.normal(jax.random.key(3), (3, 8, 8, 3))
+    model = resflax.build_model(config)
+    outputs = _layer_outputs(config, model.init(jax.random.key(0), x), x)
+    assert len(outputs) == config.num_blocks + 1
+    for h in outputs:
+        stride = x.shape[1] // h.shape[1]
+        sub = x[:, ::stride, ::stride, :]
+        gram = jnp.einsum("bhwc,dhwc->hwbd", h, h) / h.shape[-1]
+        want = jnp.einsum("bhwc,dhwc->hwbd", sub, sub) / x.shape[-1]
+        np.testing.assert_allclose(gram, want, rtol=1e-5, atol=1e-5)
+    # Plain delta-orthogonal keeps each pixel's norm, not q: the stem divides q by 8 / 3 and
+    # each stage's widening halves it.
+    plain = config.replace(init="delta_orthogonal")
+    h = _layer_outputs(plain, resflax.build_model(plain).init(jax.random.key(0), x), x)[-1]
+    ratio = jnp.mean(h * h) / jnp.mean(x[:, ::4, ::4, :] ** 2)
+    assert float(ratio) == pytest.approx(3 / 8 / 4, rel=1e-4)
+
+
+CONV_WIDTH, CONV_DEPTH, CONV_SEEDS = 32, 32, 8
+
+
+@pytest.mark.parametrize("fields", SHAPINGS)
+def test_deep_plain_conv_net_keeps_q_and_the_predicted_per_pixel_correlations(fields):
+    # A plain CIFAR net of L = 31 shaped layers, widths 32 / 64 / 128 at 8x8 / 4x4 / 2x2, on
+    # 16-channel inputs: each pixel is a sample of the per-pixel kernel map.
+    config = ModelConfig(**dict(CONV, depth=CONV_DEPTH, width=CONV_WIDTH), **fields)
+    transform = ks.for_config(config)
+    assert transform.depth == ks.nonlinear_depth(config) == CONV_DEPTH - 1
+    x = _pixel_pairs(jax.random.key(7), 16, CORRELATIONS)
+    model = resflax.build_model(config)
+
+    def one(key):
+        outputs = _layer_outputs(config, model.init(key, x), x)
+        q = jnp.stack([jnp.mean(h * h) for h in outputs])  # Mean per-pixel q, per layer.
+        last = outputs[-1]
+        first, second = last[0::2], last[1::2]
+        corr = jnp.sum(first * second, -1) / jnp.sqrt(
+            jnp.sum(first**2, -1) * jnp.sum(second**2, -1))
+        return q, jnp.mean(corr, (1, 2))  # [L+1], [k]: averaged over the pixels.
+
+    q, corr = map(np.asarray, jax.jit(jax.vmap(one))(
+        jax.random.split(jax.random.key(0), CONV_SEEDS)))
+    mean, stderr = q.mean(0), q.std(0) / math.sqrt(CONV_SEEDS)
+    assert np.all(np.abs(mean - 1.0) < 4 * stderr + 0.05), (mean, stderr)
+    for k, c0 in enumerate(CORRELATIONS):
+        predicted = ks.compound_c_map(transform, c0)
+        stderr = corr[:, k].std() / math.sqrt(CONV_SEEDS)
+        assert abs(corr[:, k].mean() - predicted) < 4 * stderr + 0.03, (c0, corr[:, k], predicted)
+
+
+@pytest.mark.parametrize("depth", [8, 20, 56])
+def test_nonlinear_depth_of_a_plain_conv_net_counts_every_activation_call(depth, monkeypatch):
+    config = ModelConfig(**dict(CONV, depth=depth, width=4, activation="tanh",
+                                activation_transform="tat", scan=False))
+    calls = []
+    phi_hat = ks.activation_for(config)
+
+    def counted(cfg):
+        return lambda h: calls.append(1) or phi_hat(h)
+
+    monkeypatch.setattr(ks, "activation_for", counted)  # What `stems.layer_kit` calls.
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = jax.eval_shape(resflax.build_model(config).init, jax.random.key(0), x)
+    kernels = [leaf.ndim for leaf in jax.tree.leaves(variables["params"])
+               if leaf.ndim >= 2]
+    # He et al.'s plain nets: depth - 1 convs (plain-20: 19) and one fc, every conv followed by
+    # the activation (the stem's too), the fc by none.
+    assert kernels.count(4) == len(calls) == depth - 1 == ks.nonlinear_depth(config)
+    assert kernels.count(2) == 1
+    assert len(segments(config)) == config.num_blocks == (depth - 2) // 2
+
+
 # ----------------------------------------------------------------------------- config
 
 
 DKS = dict(family="mlp", depth=10, width=8, init="orthogonal", activation="tanh",
            activation_transform="dks")
 TAT = dict(DKS, activation="leaky_relu", activation_transform="tat", depth=20)
+TAT_SMOOTH = dict(TAT, activation="tanh")
+CONV_DKS = dict(DKS, family="cifar_resnet", depth=8, init="scaled_delta_orthogonal")
+CONV_TAT = dict(CONV_DKS, activation="leaky_relu", activation_transform="tat", depth=32)
 
 
 def test_config_resolves_the_targets_and_depth():
@@ -275,6 +453,18 @@ def test_config_resolves_the_targets_and_depth():
     assert ModelConfig(**DKS).replace(activation_transform="tat", activation="leaky_relu",
                                       depth=20).shaping_target == 0.9
     assert ModelConfig(**DKS).replace(activation_transform="none").shaping_target is None
+    # Smooth TAT's target is tau, default 0.3; switching TAT's activation between Leaky ReLU
+    # (eta) and a smooth one (tau) changes its meaning, so it takes the new default.
+    smooth = ModelConfig(**TAT_SMOOTH)
+    assert smooth.shaping_target == 0.3 and ks.for_config(smooth).negative_slope is None
+    assert ModelConfig(**TAT).replace(activation="tanh").shaping_target == 0.3
+    assert smooth.replace(activation="leaky_relu").shaping_target == 0.9
+    assert smooth.replace(activation="softplus").shaping_target == 0.3
+    assert smooth.replace(shaping_target=0.5).shaping_target == 0.5
+    for conv in (CONV_DKS, CONV_TAT):  # Plain CIFAR nets: L = depth - 1.
+        config = ModelConfig(**conv)
+        assert config.layers_per_block is None
+        assert ks.for_config(config).depth == conv["depth"] - 1
     assert ModelConfig.from_json(ModelConfig(**TAT).to_json()) == ModelConfig(**TAT)
     assert ks.activation_for(ModelConfig()) is resflax.layers.activation("relu")
 
@@ -286,13 +476,27 @@ def test_config_resolves_the_targets_and_depth():
     (DKS, dict(bias_scale=0.1), r"^bias_scale=0.1 is not supported"),
     (DKS, dict(norm="layer"), r"^norm='layer' is not supported"),
     (DKS, dict(block="v2"), r"^block='v2' is not supported"),
-    (DKS, dict(family="cifar_resnet", depth=20, layers_per_block=None),
-     r"^family='cifar_resnet' is not supported .* allowed values: \['mlp'\]"),
+    (DKS, dict(family="imagenet_resnet", depth=18, layers_per_block=None),
+     r"^family='imagenet_resnet' is not supported .* allowed values: \['mlp', 'cifar_resnet'\]"),
+    (DKS, dict(init="he_normal"), r"allowed values: \['orthogonal', 'delta_orthogonal', "
+     r"'scaled_delta_orthogonal'\]"),
+    (CONV_DKS, dict(init="delta_orthogonal"), r"^init='delta_orthogonal' is not supported .*"
+     r"sqrt\(C_out / C_in\).*allowed values: \['scaled_delta_orthogonal'\]"),
+    (CONV_DKS, dict(init="orthogonal"), r"^init='orthogonal' is not supported"),
+    (CONV_DKS, dict(block="v1"), r"^block='v1' is not supported .*allowed values: \['plain'\]"),
+    (CONV_TAT, dict(block="v2"), r"^block='v2' is not supported"),
+    (CONV_DKS, dict(norm="batch"), r"^norm='batch' is not supported .*allowed values: \['none'\]"),
+    (CONV_TAT, dict(bottleneck=True, depth=20), r"^bottleneck=True is not supported"),
+    (CONV_TAT, dict(weight_scale=1.1), r"^weight_scale=1.1 is not supported"),
+    (CONV_TAT, dict(bias_scale=0.1), r"^bias_scale=0.1 is not supported"),
+    (TAT_SMOOTH, dict(shaping_target=0.0), r"^shaping_target=0.0 must be a number > 0 .*tau"),
+    (TAT_SMOOTH, dict(activation="sigmoid"), r"^activation='sigmoid' is not supported"),
     (DKS, dict(activation="relu"), r"^activation='relu' is not supported .*'tanh'\]"),
     (DKS, dict(shaping_target=0.9), r"^shaping_target=0.9 must be a number > 1"),
     (DKS, dict(shaping_target="1.5"), r"^shaping_target='1.5' must be a finite number"),
     (DKS, dict(activation="softplus", depth=1), r"^shaping_target=1.5 is not reachable by DKS"),
-    (TAT, dict(activation="tanh"), r"^activation='tanh' is not supported .*\['leaky_relu'\]"),
+    (TAT, dict(activation="relu"), r"^activation='relu' is not supported .*\['leaky_relu', "
+     r"'erf', 'gelu', 'softplus', 'swish', 'tanh'\]"),
     (TAT, dict(shaping_target=1.5), r"^shaping_target=1.5 must be in \(0, 1\)"),
     (TAT, dict(depth=5), r"^shaping_target=0.9 is not reachable by Leaky-ReLU TAT at depth L=5"),
     (dict(family="mlp"), dict(shaping_target=0.5), r"^shaping_target=0.5 applies only with"),

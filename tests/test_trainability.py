@@ -127,6 +127,18 @@ def test_config_computes_the_critical_point():
         trainability.check_config(digits_trainability.get_config(preset))
 
 
+def test_conv_preset_has_the_shaped_plain_nets():
+    methods = {m["name"]: m for m in digits_trainability.get_config("conv").methods}
+    for name, transform in (("plain_tat", "tat"), ("plain_dks", "dks")):
+        assert methods[name]["model.activation_transform"] == transform
+        assert methods[name]["model.init"] == "scaled_delta_orthogonal"
+        assert (methods[name]["model.weight_scale"], methods[name]["model.bias_scale"]) == (
+            1.0, 0.0)
+    # Placeholders: the MLP preset's tuned rates.
+    assert methods["plain_tat"]["optim.learning_rate"] == 0.001
+    assert methods["plain_dks"]["optim.learning_rate"] == 0.002
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
