@@ -249,6 +249,40 @@ def _shape_stats(phi: Callable[[Any], Any], alpha: float, beta: float) -> _Shape
     return _ShapeStats(mean, var, alpha * alpha * d2 / var, alpha * pdz / var)
 
 
+def _checked(method: str, activation: str, allowed: tuple[str, ...], depth: int, name: str,
+             target: float, low: float) -> tuple[Callable[[Any], Any], int]:
+    """(phi, L) after checking a solver's arguments: `activation` in `allowed`, L >= 1, and
+    the target a finite number above `low`; ValueError otherwise."""
+    if activation not in allowed:
+        raise ValueError(f"activation={activation!r} has no {method} transform here; allowed "
+                         f"values: {list(allowed)}")
+    depth = int(depth)
+    if depth < 1 or not (low < target < math.inf):
+        raise ValueError(f"depth={depth!r} must be >= 1 and {name}={target!r} a finite number "
+                         f"> {low:g}")
+    return layers.activation(activation), depth
+
+
+def _first_root(residuals: Callable[[Any], list], starts, accept: Callable[[Any], Any]):
+    """The first `accept(x)` that is truthy over the roots x of `residuals` found from `starts`
+    in turn (MINPACK's hybrid Powell method, `scipy.optimize.root`), or None.
+
+    A root counts when its residuals are at most `_SOLVE_TOL`: judged by the residual, not
+    `root.success`, which is False when MINPACK stops at rounding level short of xtol.
+    """
+    for start in starts:
+        try:
+            with np.errstate(all="ignore"):
+                root = optimize.root(residuals, start, method="hybr", options=dict(xtol=1e-14))
+        except (ArithmeticError, ValueError):  # A step into a degenerate shape (var = 0).
+            continue
+        if np.all(np.isfinite(root.x)) and max(abs(r) for r in residuals(root.x)) <= _SOLVE_TOL:
+            found = accept(root.x)
+            if found:
+                return found
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def solve_dks(activation: str, depth: int, xi: float = DEFAULT_TARGETS["xi"]) -> Transform:
     """The DKS transform of `activation` for L = `depth` nonlinear layers and C_f'(1) = xi.
@@ -270,33 +304,21 @@ def solve_dks(activation: str, depth: int, xi: float = DEFAULT_TARGETS["xi"]) ->
       ValueError: an argument out of range, or no solution (e.g. xi too large for softplus,
         gelu or swish at small L: their C'(1) stays below ReLU's pi / (pi - 1) ~ 1.467).
     """
-    if activation not in DKS_ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} has no DKS transform here; allowed values: "
-                         f"{list(DKS_ACTIVATIONS)}")
-    depth = int(depth)
-    if depth < 1 or not (1.0 < xi < math.inf):
-        raise ValueError(f"depth={depth!r} must be >= 1 and xi={xi!r} a finite number > 1")
-    phi = layers.activation(activation)
+    phi, depth = _checked("DKS", activation, DKS_ACTIVATIONS, depth, "xi", xi, 1.0)
     log_zeta = math.log(xi) / depth
 
     def residuals(p):
         stats = _shape_stats(phi, math.exp(p[0]), p[1])
         return [stats.q_slope - 1.0, math.log(stats.c_slope) - log_zeta]
 
-    for start in _DKS_STARTS:
-        try:
-            with np.errstate(all="ignore"):
-                root = optimize.root(residuals, start, method="hybr", options=dict(xtol=1e-14))
-        except (ArithmeticError, ValueError):  # A step into a degenerate (var = 0) shape.
-            continue
-        # Judged by the residual, not `root.success`, which is False when MINPACK stops at
-        # rounding level short of xtol.
-        if np.all(np.isfinite(root.x)):
-            alpha, beta = math.exp(root.x[0]), float(root.x[1])
-            stats = _shape_stats(phi, alpha, beta)
-            if max(abs(r) for r in residuals(root.x)) <= _SOLVE_TOL and stats.var > 0:
-                return Transform("dks", activation, depth, float(xi), alpha, beta,
-                                 1.0 / math.sqrt(stats.var), -stats.mean)
+    def accept(p):
+        stats = _shape_stats(phi, math.exp(p[0]), p[1])
+        return stats.var > 0 and Transform("dks", activation, depth, float(xi), math.exp(p[0]),
+                                           float(p[1]), 1.0 / math.sqrt(stats.var), -stats.mean)
+
+    transform = _first_root(residuals, _DKS_STARTS, accept)
+    if transform:
+        return transform
     raise ValueError(
         f"shaping_target={xi!r} is not reachable by DKS with activation={activation!r} at "
         f"depth L={depth}: no (alpha, beta) with Q'(1) = 1 and C'(1) = xi^(1/L) = "
@@ -411,13 +433,8 @@ def solve_tat_smooth(activation: str, depth: int,
     Raises:
       ValueError: an argument out of range, or no accepted solution.
     """
-    if activation not in TAT_SMOOTH_ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} has no smooth TAT transform here; allowed "
-                         f"values: {list(TAT_SMOOTH_ACTIVATIONS)}")
-    depth = int(depth)
-    if depth < 1 or not (0.0 < tau < math.inf):
-        raise ValueError(f"depth={depth!r} must be >= 1 and tau={tau!r} a finite number > 0")
-    phi = layers.activation(activation)
+    phi, depth = _checked("smooth TAT", activation, TAT_SMOOTH_ACTIVATIONS, depth, "tau", tau,
+                          0.0)
     log_curvature = math.log(tau / depth)
 
     def residuals(p):
@@ -425,20 +442,15 @@ def solve_tat_smooth(activation: str, depth: int,
         return [stats.q_slope - 1.0, math.log(stats.c_slope),
                 math.log(stats.c_curvature) - log_curvature]
 
-    for start in _TAT_STARTS:
-        try:
-            with np.errstate(all="ignore"):
-                root = optimize.root(residuals, start, method="hybr", options=dict(xtol=1e-14))
-        except (ArithmeticError, ValueError):  # A step into a degenerate shape (E[f^2] = 0).
-            continue
-        if not np.all(np.isfinite(root.x)):
-            continue
-        alpha, beta, delta = math.exp(root.x[0]), float(root.x[1]), float(root.x[2])
-        stats = _tailored_stats(phi, alpha, beta, delta)
-        if (max(abs(r) for r in residuals(root.x)) <= _SOLVE_TOL
-                and alpha * stats.output_scale < _TAT_MAX_GAIN):
-            return Transform("tat", activation, depth, float(tau), alpha, beta,
-                             stats.output_scale, delta)
+    def accept(p):
+        alpha, beta, delta = math.exp(p[0]), float(p[1]), float(p[2])
+        gamma = _tailored_stats(phi, alpha, beta, delta).output_scale
+        return alpha * gamma < _TAT_MAX_GAIN and Transform("tat", activation, depth, float(tau),
+                                                           alpha, beta, gamma, delta)
+
+    transform = _first_root(residuals, _TAT_STARTS, accept)
+    if transform:
+        return transform
     raise ValueError(
         f"shaping_target={tau!r} is not reachable by smooth TAT with activation={activation!r} "
         f"at depth L={depth}: no (alpha, beta, delta) with Q'(1) = 1, C'(1) = 1 and C''(1) = "

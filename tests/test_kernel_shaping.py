@@ -378,17 +378,17 @@ def test_the_scaled_delta_orthogonal_conv_net_keeps_every_pixels_kernel_exactly(
     assert float(ratio) == pytest.approx(3 / 8 / 4, rel=1e-4)
 
 
-CONV_WIDTH, CONV_DEPTH, CONV_SEEDS = 32, 32, 8
+CONV_WIDTH, CONV_DEPTH, CONV_SEEDS = 32, 32, 12
 
 
 @pytest.mark.parametrize("fields", SHAPINGS)
 def test_deep_plain_conv_net_keeps_q_and_the_predicted_per_pixel_correlations(fields):
     # A plain CIFAR net of L = 31 shaped layers, widths 32 / 64 / 128 at 8x8 / 4x4 / 2x2, on
-    # 16-channel inputs: each pixel is a sample of the per-pixel kernel map.
+    # 32-channel inputs (a square stem): each pixel is a sample of the per-pixel kernel map.
     config = ModelConfig(**dict(CONV, depth=CONV_DEPTH, width=CONV_WIDTH), **fields)
     transform = ks.for_config(config)
     assert transform.depth == ks.nonlinear_depth(config) == CONV_DEPTH - 1
-    x = _pixel_pairs(jax.random.key(7), 16, CORRELATIONS)
+    x = _pixel_pairs(jax.random.key(7), CONV_WIDTH, CORRELATIONS)
     model = resflax.build_model(config)
 
     def one(key):
@@ -400,10 +400,19 @@ def test_deep_plain_conv_net_keeps_q_and_the_predicted_per_pixel_correlations(fi
             jnp.sum(first**2, -1) * jnp.sum(second**2, -1))
         return q, jnp.mean(corr, (1, 2))  # [L+1], [k]: averaged over the pixels.
 
-    q, corr = map(np.asarray, jax.jit(jax.vmap(one))(
-        jax.random.split(jax.random.key(0), CONV_SEEDS)))
+    # A loop over the nets, not a vmap: batched QRs of these rectangular kernels (the
+    # initializer's) hang XLA:CPU's LAPACK thread pool on the 2-core machine.
+    one = jax.jit(one)
+    runs = [one(key) for key in jax.random.split(jax.random.key(0), CONV_SEEDS)]
+    q, corr = (np.stack([np.asarray(run[i]) for run in runs]) for i in (0, 1))
+    np.testing.assert_allclose(q[:, 0], 1.0, atol=0.05)  # The square stem + phi_hat: Q(1) = 1.
+    # E[q_l] = 1 at every layer, but per net q_l wanders log-normally (heavy upper tail: most
+    # nets a little below 1, a few above; most for TAT's kinked Leaky ReLU), so the mean over
+    # nets is judged with a 0.1 allowance beyond its sampling error, and the median must neither
+    # collapse nor explode.
     mean, stderr = q.mean(0), q.std(0) / math.sqrt(CONV_SEEDS)
-    assert np.all(np.abs(mean - 1.0) < 4 * stderr + 0.05), (mean, stderr)
+    assert np.all(np.abs(mean - 1.0) < 4 * stderr + 0.1), (mean, stderr)
+    assert np.all((0.25 < np.median(q, 0)) & (np.median(q, 0) < 4.0)), np.median(q, 0)
     for k, c0 in enumerate(CORRELATIONS):
         predicted = ks.compound_c_map(transform, c0)
         stderr = corr[:, k].std() / math.sqrt(CONV_SEEDS)
