@@ -448,7 +448,8 @@ DKS = dict(family="mlp", depth=10, width=8, init="orthogonal", activation="tanh"
            activation_transform="dks")
 TAT = dict(DKS, activation="leaky_relu", activation_transform="tat", depth=20)
 TAT_SMOOTH = dict(TAT, activation="tanh")
-CONV_DKS = dict(DKS, family="cifar_resnet", depth=8, init="scaled_delta_orthogonal")
+CONV_DKS = dict(DKS, family="cifar_resnet", block="plain", norm="none", depth=8,
+                init="scaled_delta_orthogonal")
 CONV_TAT = dict(CONV_DKS, activation="leaky_relu", activation_transform="tat", depth=32)
 
 
@@ -487,8 +488,8 @@ def test_config_resolves_the_targets_and_depth():
     (DKS, dict(block="v2"), r"^block='v2' is not supported"),
     (DKS, dict(family="imagenet_resnet", depth=18, layers_per_block=None),
      r"^family='imagenet_resnet' is not supported .* allowed values: \['mlp', 'cifar_resnet'\]"),
-    (DKS, dict(init="he_normal"), r"allowed values: \['orthogonal', 'delta_orthogonal', "
-     r"'scaled_delta_orthogonal'\]"),
+    (DKS, dict(init="he_normal"), r"^init='he_normal' .*allowed values: \['orthogonal', "
+     r"'delta_orthogonal', 'scaled_delta_orthogonal'\]"),
     (CONV_DKS, dict(init="delta_orthogonal"), r"^init='delta_orthogonal' is not supported .*"
      r"sqrt\(C_out / C_in\).*allowed values: \['scaled_delta_orthogonal'\]"),
     (CONV_DKS, dict(init="orthogonal"), r"^init='orthogonal' is not supported"),
