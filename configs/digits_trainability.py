@@ -189,10 +189,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         # `num_train_steps` steps (the schedule's boundaries scaled by the same fraction), at
         # every rate of `learning_rates`.
         config.tune = False
-        # conv: a coarser grid (each rate is one more compile per method).
+        # conv: a coarser grid (each rate is one more compile per method), down to 1e-3 for the
+        # critical and shaped plain nets.
         # The MLP grid reaches down to 5e-4: a deep plain net whose every layer gets the
         # gradient (orthogonal / shaped, no norm) moves its function by ~lr x depth per step.
-        rates = ((0.01, 0.03, 0.1, 0.3) if preset == "conv"
+        rates = ((0.001, 0.003, 0.01, 0.03, 0.1, 0.3) if preset == "conv"
                  else (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
         config.tuning = ml_collections.ConfigDict(dict(
             learning_rates=rates,

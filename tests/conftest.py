@@ -5,8 +5,12 @@ import os
 # The suite runs thousands of tiny programs: XLA's CPU backend optimizations cost ~2 s per
 # compile of a random initializer and buy nothing at these sizes (level 0: ~0.2 s). Numerics are
 # unchanged in kind; tests that compare runs compare them under the same setting. A caller's own
-# XLA_FLAGS win.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# XLA_FLAGS win. The legacy elemental emitter instead of XLA:CPU's MLIR fusion emitters halves
+# the compile of the diagnostics' programs (dozens of loop bodies, each fusion its own kernel):
+# measured 2026-12-03 on 2 cores, a CIFAR ResNet-14 diagnostics compile 12.2-13.7 -> 6.3-7.3 s of
+# CPU, and test_conv's scanned-vs-unrolled plus the brute-force diagnostics tests 212 -> 131 s.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 
 # Many tests build the same small programs again (every training run, resume and CLI
 # subprocess compiles its own jit): JAX's persistent compilation cache turns each repeat into a
