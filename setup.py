@@ -34,7 +34,7 @@ setuptools.setup(
         "bench": ["torch>=2.4"],
         # oneDNN's convolutions on CPU (`resflax.onednn`; needs g++ at first use). Its libdnnl
         # runs on the SYCL CPU runtime; the wheel brings that runtime (about 2 GB).
-        "onednn": ["onednn>=2025.0"],
+        "onednn": ["onednn>=2026.1.0"],
         # Only for preparing datasets that tfds downloads and encodes with TensorFlow
         # (cifar10, imagenet2012, ...). Reading prepared data never needs it.
         # tfds 4.9.x needs importlib_resources to locate builder code, but declares it only for
