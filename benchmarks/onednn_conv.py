@@ -1,7 +1,7 @@
 """Per-layer convolution time: oneDNN (`resflax.onednn`) vs XLA:CPU's canonical convolutions.
 
     pip install -e '.[onednn]'
-    python -m benchmarks.onednn_conv     # ~3 min on 2 CPU cores; writes benchmarks/results/onednn_conv.json
+    python -m benchmarks.onednn_conv     # ~3 min on 2 cores; -> benchmarks/results/onednn_conv.json
 
 For the 3x3 convolutions of CIFAR ResNet-20 at batch 128 (32x32x16, 16x16x32, 8x8x64 stride 1;
 16->32 and 32->64 stride 2), float32, it times, jitted, the forward convolution, its input
@@ -12,7 +12,8 @@ gradient dx and its kernel gradient dw:
   `backward_weights`);
 and both "all": fwd, dx and dw in one jitted program, where XLA may issue the two independent
 gradients at once (the threading check: two oneDNN calls from two XLA threads must not
-oversubscribe the cores). Variants are timed alternately (`common.interleaved_medians`); the JSON
+oversubscribe the cores). Where PyTorch is installed, also torch: `F.conv2d` and
+`aten.convolution_backward` on channels-last tensors (PyTorch's own oneDNN, OpenMP threads). Variants are timed alternately (`common.interleaved_medians`); the JSON
 has the load average before and after each shape, and the kernels oneDNN chose.
 
 Flags: --window_secs, --repeats, --out.
@@ -76,10 +77,31 @@ def variants(size, c_in, c_out, stride):
         steps[f"{impl} all"] = _blocking(
             jax.jit(lambda x, w, g, fns=fns: (fns["fwd"](x, w), fns["dx"](g, w), fns["dw"](x, g))),
             (x, w, g))
+    steps.update(_torch_variants(x, w, g, stride))
     impls = {part: onednn.implementation(kind, x.shape, w.shape, y_shape, **geo)
              for part, kind in (("fwd", "forward"), ("dx", "backward_data"),
                                 ("dw", "backward_weights"))}
     return steps, impls
+
+
+def _torch_variants(x, w, g, stride):
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return {}
+    cl = torch.channels_last
+    tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    tg = torch.from_numpy(np.array(g)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    tw = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
+    conv_args = ([stride] * 2, [1, 1], [1, 1], False, [0, 0], 1)
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(tg, tx, tw, None, *conv_args, mask)
+
+    fwd = lambda: torch.nn.functional.conv2d(tx, tw, None, stride, 1)
+    dx, dw = backward([True, False, False]), backward([False, True, False])
+    return {"torch fwd": fwd, "torch dx": dx, "torch dw": dw,
+            "torch all": lambda: (fwd(), backward([True, True, False])())}
 
 
 def _blocking(fn, args):
@@ -99,7 +121,7 @@ def main(argv):
         timed = common.interleaved_medians(steps, FLAGS.window_secs, FLAGS.repeats)
         ms = {k: 1e3 * v["median_s"] for k, v in timed.items()}
         total = {impl: sum(ms[f"{impl} {p}"] for p in ("fwd", "dx", "dw"))
-                 for impl in ("xla", "onednn")}
+                 for impl in ("xla", "onednn", "torch") if f"{impl} fwd" in ms}
         row = dict(shape=name, batch=FLAGS.batch, ms=ms, total_ms=total,
                    ratio_total=total["onednn"] / total["xla"],
                    ratio_all=ms["onednn all"] / ms["xla all"],
@@ -110,6 +132,7 @@ def main(argv):
             f"{p} {ms['xla ' + p]:6.2f}/{ms['onednn ' + p]:6.2f}" for p in ("fwd", "dx", "dw",
                                                                               "all"))
               + f"  total {total['xla']:6.2f}/{total['onednn']:6.2f} ms (xla/onednn)"
+              f"  torch {total.get('torch', float('nan')):6.2f}"
               f"  ratio {row['ratio_total']:.2f}  load {row['load_average_after']}", flush=True)
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     reporting.write_json(FLAGS.out, dict(machine=machine, rows=rows))

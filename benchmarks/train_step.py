@@ -45,7 +45,8 @@ MODELS = {  # name -> build_model fields (He et al.'s CIFAR nets: width 16, BN, 
 
 flags.DEFINE_list("models", list(MODELS), f"Models to time, of {list(MODELS)}.")
 flags.DEFINE_list("scans", ["True", "False"], "resflax variants: `scan` values.")
-flags.DEFINE_list("conv_impls", ["auto"], f"resflax variants: `conv_impl` values, of {conv.IMPLS}.")
+flags.DEFINE_list("conv_impls", ["auto"],
+                  f"resflax variants: `conv_impl` values, of {conv.IMPLS}.")
 flags.DEFINE_integer("batch", 128, "Global batch size.")
 flags.DEFINE_float("window_secs", 4.0, "Minimum length of one timed window.")
 flags.DEFINE_integer("repeats", 3, "Timed windows per variant (median).")
@@ -156,7 +157,8 @@ def main(argv):
         rows += r
         details.append(d)
         for row in r:
-            print(f"{name:9s} scan={row['scan']!s:5s} {row['conv_impl_resolved']:9s} resflax {row['resflax_img_s']:7.1f} img/s  "
+            print(f"{name:9s} scan={row['scan']!s:5s} {row['conv_impl_resolved']:9s} "
+                  f"resflax {row['resflax_img_s']:7.1f} img/s  "
                   f"PyTorch ({d['pytorch_memory_format']}) {row['pytorch_img_s']:7.1f} img/s  "
                   f"ratio {row['ratio']:.2f}", flush=True)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -211,8 +212,9 @@ std::string create(int kind, const Geometry& g, Primitive* p) {
   if (!dnnl_memory_desc_equal(p->user_weights.get(), p->conv_weights.get())) {
     p->weights_bytes = dnnl_memory_desc_get_size(p->conv_weights.get());
     dnnl_primitive_desc_t rpd = nullptr;
-    const_dnnl_memory_desc_t from = kind == kBwdWeights ? p->conv_weights.get() : p->user_weights.get();
-    const_dnnl_memory_desc_t to = kind == kBwdWeights ? p->user_weights.get() : p->conv_weights.get();
+    // dw: oneDNN's layout -> HWIO after the convolution; fwd, dx: HWIO -> oneDNN's before.
+    const_dnnl_memory_desc_t from = p->user_weights.get(), to = p->conv_weights.get();
+    if (kind == kBwdWeights) std::swap(from, to);
     s = dnnl_reorder_primitive_desc_create(&rpd, from, engine, to, engine, nullptr);
     if (s == kSuccess) {
       s = dnnl_primitive_create(&p->reorder, rpd);
@@ -315,7 +317,8 @@ Geometry geometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  Geometry g = geometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding, dilation);
+  Geometry g =
+      geometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, padding, dilation);
   return run(kFwd, g, x.typed_data(), w.typed_data(), y->typed_data());
 }
 
@@ -323,7 +326,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  Geometry geo = geometry(dx->dimensions(), w.dimensions(), g.dimensions(), strides, padding, dilation);
+  Geometry geo =
+      geometry(dx->dimensions(), w.dimensions(), g.dimensions(), strides, padding, dilation);
   return run(kBwdData, geo, dx->typed_data(), w.typed_data(), g.typed_data());
 }
 
@@ -331,13 +335,14 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                            ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  Geometry geo = geometry(x.dimensions(), dw->dimensions(), g.dimensions(), strides, padding, dilation);
+  Geometry geo =
+      geometry(x.dimensions(), dw->dimensions(), g.dimensions(), strides, padding, dilation);
   return run(kBwdWeights, geo, x.typed_data(), dw->typed_data(), g.typed_data());
 }
 
 }  // namespace
 
-#define RESFLAX_BIND(kind_a, kind_b)                        \
+#define RESFLAX_BIND                                        \
   ffi::Ffi::Bind()                                          \
       .Arg<ffi::Buffer<ffi::F32>>()                         \
       .Arg<ffi::Buffer<ffi::F32>>()                         \
@@ -346,10 +351,10 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
       .Attr<ffi::Span<const int64_t>>("padding")            \
       .Attr<ffi::Span<const int64_t>>("rhs_dilation")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResflaxOnednnConvForward, Forward, RESFLAX_BIND(x, w));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResflaxOnednnConvBackwardData, BackwardData, RESFLAX_BIND(g, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResflaxOnednnConvForward, Forward, RESFLAX_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResflaxOnednnConvBackwardData, BackwardData, RESFLAX_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResflaxOnednnConvBackwardWeights, BackwardWeights,
-                              RESFLAX_BIND(x, g));
+                              RESFLAX_BIND);
 
 // The implementation oneDNN chose for (kind, geometry), for benchmarks; creates the primitive.
 extern "C" const char* resflax_onednn_impl(int kind, const int64_t* v) {
