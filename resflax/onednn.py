@@ -13,8 +13,9 @@ x `[B, H, W, Ci]`, w `[kh, kw, Ci, Co]`, y `[B, H', W', Co]`, all row-major NHWC
 The C++ shim (`onednn_conv.cc`, its own declarations of oneDNN's C API: the wheel has no headers)
 is compiled once into `$RESFLAX_CACHE` (default `~/.cache/resflax`) against the first
 `libdnnl.so` found in `$RESFLAX_ONEDNN_LIB`, `<sys.prefix>/lib`, the directories of
-`LD_LIBRARY_PATH`. Set `RESFLAX_ONEDNN=0` to never use it. Without g++ or libdnnl, or when the
-shim fails to load, `available()` is False (one log line says why) and XLA's own convolutions run.
+`LD_LIBRARY_PATH`. Set `RESFLAX_ONEDNN=0` to never use it. Without libdnnl, `available()` is
+False silently; with it but without g++, or when the shim fails to load, one warning says why.
+XLA's own convolutions run then.
 
 Threads: oneDNN runs its own pool (OpenMP or TBB/SYCL, per its build) with one thread per core;
 the XLA thread that issues the call waits meanwhile, so the two pools do not run at once.
@@ -93,10 +94,11 @@ def _library():
     """The loaded shim with its FFI targets registered, or None (and why, logged once)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
+    lib_dir = _libdnnl_dir()
+    if lib_dir is None:  # The extra is not installed: nothing to say above INFO.
+        logging.info("resflax.onednn: libdnnl.so not found; XLA's convolutions run")
+        return None
     try:
-        lib_dir = _libdnnl_dir()
-        if lib_dir is None:
-            raise RuntimeError("libdnnl.so not found (pip install onednn)")
         _sycl_cpu_device(lib_dir)
         lib = ctypes.CDLL(_build(lib_dir))
         version = (ctypes.c_int * 4)()
@@ -110,7 +112,8 @@ def _library():
         lib.version = tuple(version)
         return lib
     except Exception as e:  # pylint: disable=broad-except
-        logging.info("resflax.onednn: not used (%s); XLA's convolutions run", e)
+        logging.warning("resflax.onednn: oneDNN in %s not used (%s); XLA's convolutions run",
+                        lib_dir, e)
         return None
 
 
