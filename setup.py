@@ -10,6 +10,7 @@ setuptools.setup(
         "gradient-flow diagnostics and mean-field theory."
     ),
     packages=setuptools.find_packages(include=["resflax", "resflax.*"]),
+    package_data={"resflax": ["onednn_conv.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6.0",
@@ -31,6 +32,9 @@ setuptools.setup(
                  "filelock>=3.12"],
         # The PyTorch peer of benchmarks/train_step.py (`make bench`); never needed otherwise.
         "bench": ["torch>=2.4"],
+        # oneDNN's convolutions on CPU (`resflax.onednn`; needs g++ at first use). Its libdnnl
+        # runs on the SYCL CPU runtime; the wheel brings that runtime (about 2 GB).
+        "onednn": ["onednn>=2026.1.0"],
         # Only for preparing datasets that tfds downloads and encodes with TensorFlow
         # (cifar10, imagenet2012, ...). Reading prepared data never needs it.
         # tfds 4.9.x needs importlib_resources to locate builder code, but declares it only for

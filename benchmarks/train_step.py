@@ -17,7 +17,10 @@ load from other processes hits them alike; rows report images/s from the median 
 `ratio = resflax_img_s / pytorch_img_s`. The JSON also records each variant's first step
 (compilation included) and the machine's load average before and after.
 
-Flags: --models, --batch, --window_secs, --repeats, --out.
+With the `onednn` extra installed, `conv_impl='auto'` is oneDNN's convolutions
+(`resflax.onednn`); `--conv_impls=onednn,canonical --scans=True` times with and without it.
+
+Flags: --models, --scans, --conv_impls, --batch, --window_secs, --repeats, --out.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from absl import app, flags
 from benchmarks import common
 from configs import cifar10_he2015
 from experiments import reporting
-from resflax import build_model, parallel, training
+from resflax import build_model, conv, parallel, training
 
 MODELS = {  # name -> build_model fields (He et al.'s CIFAR nets: width 16, BN, option A).
     "resnet20": dict(family="cifar_resnet", block="v1", depth=20),
@@ -41,6 +44,9 @@ MODELS = {  # name -> build_model fields (He et al.'s CIFAR nets: width 16, BN, 
 }
 
 flags.DEFINE_list("models", list(MODELS), f"Models to time, of {list(MODELS)}.")
+flags.DEFINE_list("scans", ["True", "False"], "resflax variants: `scan` values.")
+flags.DEFINE_list("conv_impls", ["auto"],
+                  f"resflax variants: `conv_impl` values, of {conv.IMPLS}.")
 flags.DEFINE_integer("batch", 128, "Global batch size.")
 flags.DEFINE_float("window_secs", 4.0, "Minimum length of one timed window.")
 flags.DEFINE_integer("repeats", 3, "Timed windows per variant (median).")
@@ -100,9 +106,11 @@ def measure(name: str) -> tuple[list[dict], dict]:
     images = rs.randn(FLAGS.batch, 32, 32, 3).astype(np.float32)
     labels = rs.randint(0, 10, FLAGS.batch).astype(np.int32)
     steps, first = {}, {}
-    for scan in (True, False):
-        key = f"resflax scan={scan}"
-        steps[key], first[key] = resflax_step(dict(fields, scan=scan), images, labels)
+    variants = [(scan == "True", impl) for scan in FLAGS.scans for impl in FLAGS.conv_impls]
+    for scan, impl in variants:
+        key = _key(scan, impl)
+        steps[key], first[key] = resflax_step(dict(fields, scan=scan, conv_impl=impl), images,
+                                              labels)
     for channels_last in (True, False):
         key = f"pytorch {'channels_last' if channels_last else 'contiguous'}"
         steps[key], first[key] = pytorch_step(fields, images, labels, channels_last)
@@ -113,12 +121,14 @@ def measure(name: str) -> tuple[list[dict], dict]:
         dict(
             model=name,
             scan=scan,
+            conv_impl=impl,
+            conv_impl_resolved=conv.resolve_impl(impl),
             batch=FLAGS.batch,
-            resflax_img_s=img_s[f"resflax scan={scan}"],
+            resflax_img_s=img_s[_key(scan, impl)],
             pytorch_img_s=img_s[peer],
-            ratio=img_s[f"resflax scan={scan}"] / img_s[peer],
+            ratio=img_s[_key(scan, impl)] / img_s[peer],
         )
-        for scan in (True, False)
+        for scan, impl in variants
     ]
     detail = dict(
         model=name,
@@ -129,6 +139,10 @@ def measure(name: str) -> tuple[list[dict], dict]:
         timing=timed,
     )
     return rows, detail
+
+
+def _key(scan: bool, impl: str) -> str:
+    return f"resflax scan={scan}" + ("" if impl == "auto" else f" conv_impl={impl}")
 
 
 def main(argv):
@@ -143,7 +157,8 @@ def main(argv):
         rows += r
         details.append(d)
         for row in r:
-            print(f"{name:9s} scan={row['scan']!s:5s} resflax {row['resflax_img_s']:7.1f} img/s  "
+            print(f"{name:9s} scan={row['scan']!s:5s} {row['conv_impl_resolved']:9s} "
+                  f"resflax {row['resflax_img_s']:7.1f} img/s  "
                   f"PyTorch ({d['pytorch_memory_format']}) {row['pytorch_img_s']:7.1f} img/s  "
                   f"ratio {row['ratio']:.2f}", flush=True)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

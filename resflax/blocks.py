@@ -115,7 +115,7 @@ class Block(nn.Module):
       residual_scale: alpha, the branch multiplier (the initial value when learnable).
       learnable_residual_scale: alpha is a scalar parameter starting at `residual_scale`
         (SkipInit, De & Smith 2020, and ReZero, Bachlechner et al. 2020: starting at 0).
-      conv_impl: convolution implementation, see `layers.Conv` ('auto', 'canonical', 'xla').
+      conv_impl: convolution implementation, see `layers.Conv` ('auto', 'onednn', 'canonical', 'xla').
       preact: v2 only: 'residual', 'shared' or 'none', see `PREACTS`.
       num_branches: fixup only: L, the number of residual branches of the network.
       nf_alpha: nf only: alpha, the branch multiplier (a constant).

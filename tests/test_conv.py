@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import resflax
-from resflax import conv, parallel, training
+from resflax import conv, onednn, parallel, training
 from resflax import diagnostics as dg
 from resflax.models import unroll_variables
 
@@ -134,7 +134,8 @@ def test_derivatives_inside_scan_while_loop_and_lax_map_equal_lax():
 
 
 def test_auto_picks_the_canonical_convolution_on_cpu_and_rejects_unknown_names():
-    assert conv.resolve_impl("auto") == ("canonical" if jax.default_backend() == "cpu" else "xla")
+    cpu = "onednn" if onednn.available() else "canonical"
+    assert conv.resolve_impl("auto") == (cpu if jax.default_backend() == "cpu" else "xla")
     with pytest.raises(ValueError, match=r"conv_impl='cudnn'.*allowed values.*canonical"):
         conv.resolve_impl("cudnn")
     with pytest.raises(ValueError, match="conv_impl"):
@@ -208,7 +209,7 @@ def test_compiled_scanned_train_step_and_diagnostics_have_only_canonical_loop_co
     batch = parallel.global_batch(mesh, {"image": np.zeros((8, 16, 16, 3), np.float32),
                                          "label": np.zeros((8,), np.int32)})
     optim = dict(name="sgd", learning_rate=0.1, momentum=0.9)
-    for impl in ("auto", "xla"):
+    for impl in ("canonical", "xla"):
         # Depth 20: two repeated blocks per stage, a loop XLA keeps (it unrolls trip count 1).
         model = resflax.build_model(dict(family="cifar_resnet", block="v2", depth=20, width=4,
                                          shortcut="B", conv_impl=impl))
@@ -221,7 +222,7 @@ def test_compiled_scanned_train_step_and_diagnostics_have_only_canonical_loop_co
         bad_step = conv.noncanonical_loop_convolutions(step_text)
         assert "while(" in step_text  # The stages are scanned: there are loop bodies to check.
         bad_diag = conv.noncanonical_loop_convolutions(diag_text)
-        if impl == "auto":
+        if impl == "canonical":
             assert bad_step == [] and bad_diag == []
         else:
             assert bad_step and bad_diag, "control: XLA's own convolution leaves permuted labels"
