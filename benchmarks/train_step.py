@@ -17,8 +17,8 @@ load from other processes hits them alike; rows report images/s from the median 
 `ratio = resflax_img_s / pytorch_img_s`. The JSON also records each variant's first step
 (compilation included) and the machine's load average before and after.
 
-With the `onednn` extra installed, `conv_impl='auto'` is oneDNN's convolutions
-(`resflax.onednn`); `--conv_impls=onednn,canonical --scans=True` times with and without it.
+With the `onednn` extra installed, `--conv_impls=onednn,canonical --scans=True` times resflax
+with oneDNN's convolutions (`conv_impl='onednn'`, `resflax.onednn`) and without.
 
 Flags: --models, --scans, --conv_impls, --batch, --window_secs, --repeats, --out.
 """

@@ -103,8 +103,9 @@ def test_float64_falls_back_to_xla(size, kernel, stride, c_in, c_out):
         assert_close(program["onednn"](*args), program["canonical"](*args), rtol=1e-12)
 
 
-def test_auto_is_onednn_on_cpu_and_the_switch_turns_it_off():
-    assert conv.resolve_impl("auto") == "onednn"
+def test_onednn_is_opt_in_and_the_switch_turns_it_off():
+    assert conv.resolve_impl("auto") == "canonical"
+    assert conv.resolve_impl("onednn") == "onednn"
     code = "from resflax import conv, onednn; print(conv.resolve_impl('auto'), onednn.available())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, RESFLAX_ONEDNN="0", JAX_PLATFORMS="cpu"))
