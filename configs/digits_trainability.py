@@ -72,13 +72,27 @@ steps at 110 weight layers:
 The plain ReLU nets are at chance (ln 10 = 2.303) or near it at every rate, so their choice is
 noise; v2_bn's is at the top of the grid (its loss still falls with the rate). The plain nets
 whose every layer gets the gradient at init (orthogonal, shaped, no norm) need rates 10-100x
-smaller than the residual ones: their function moves by about lr x depth per step. `conv`: NOT
-tuned (a tuning run at 56 layers was stopped after 7 of its 24 runs for lack of time: at 120
-steps, plain_he 2.300 / 2.297 / 2.294 / 2.302 at lr 0.01 / 0.03 / 0.1 / 0.3 and plain_bn
-1.976 / 2.135 / 2.067 at 0.01 / 0.03 / 0.1); its rates are the digits_degradation recipe's 0.05
-for every method until the tuning is run, except `plain_tat` and `plain_dks`, which take the
-MLP's tuned 0.001 and 0.002 as placeholders (shaped plain nets need rates 10-100x below the
-others'); the conv rates of every method are to come from the conv tuning run.
+smaller than the residual ones: their function moves by about lr x depth per step. `conv`: tuned at 56 weight layers
+(`config.tuning.depth`; 110 would have doubled the time), seed 0, 120 steps, on the grid
+0.001-0.3, measured 2026-12-03 13:36-14:17 UTC on the same VM shared with other jobs (load
+2.6-7; one restart after the machine ran out of memory, reusing the completed runs). Final
+training loss:
+
+| method | lr 0.001 | lr 0.003 | lr 0.01 | lr 0.03 | lr 0.1 | lr 0.3 |
+|---|---:|---:|---:|---:|---:|---:|
+| plain_he | 2.3023 | 2.3019 | 2.3002 | 2.2973 | **2.2942** | 2.3021 |
+| plain_bn | 2.2391 | 2.0111 | 1.9578 | **1.8211** | 2.0554 | 2.2878 |
+| plain_tanh_critical | 1.4936 | 0.8491 | **0.2489** | 1.3454 | 2.3321 | 2.3227 |
+| v1_bn | 0.6573 | 0.2101 | **0.0877** | 0.1865 | 1.3649 | 2.1670 |
+| v2_bn | 2.0013 | 1.2960 | 0.5667 | **0.2589** | 0.3258 | 0.4089 |
+| skipinit | 2.2955 | 2.2508 | 2.0331 | 0.1999 | **0.1951** | diverged |
+| fixup | 2.2937 | 2.2757 | 2.1933 | 0.8158 | **0.2992** | 2.3044 |
+| nf | 2.0600 | 1.3062 | 0.1990 | **0.0731** | 0.0953 | 1.4017 |
+| plain_tat | 0.2434 | **0.1823** | diverged | diverged | diverged | diverged |
+| plain_dks | **0.0920** | 0.1320 | 2.3182 | 25.7045 | 95.3286 | 909.2992 |
+
+As for the MLPs, plain_he is at chance at every rate (its choice is noise) and the shaped plain
+nets need the smallest rates; plain_dks's is at the bottom of the grid.
 
 The gap: for each method and depth, `gap` = its mean final training loss minus the best mean of
 the `config.reference` twins at that depth; the method closes the degradation gap there when
@@ -104,10 +118,10 @@ LEARNING_RATES = {
     "mlp": {"plain_he": 0.001, "plain_bn": 0.1, "plain_tanh_critical": 0.005, "v1_bn": 0.02,
             "v2_bn": 0.2, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05, "plain_tat": 0.001,
             "plain_dks": 0.002},
-    # Not tuned (module docstring): placeholders until the conv tuning run.
-    "conv": {"plain_he": 0.05, "plain_bn": 0.05, "plain_tanh_critical": 0.05, "v1_bn": 0.05,
-             "v2_bn": 0.05, "skipinit": 0.05, "fixup": 0.05, "nf": 0.05, "plain_tat": 0.001,
-             "plain_dks": 0.002},
+    # Tuned at 56 weight layers (module docstring).
+    "conv": {"plain_he": 0.1, "plain_bn": 0.03, "plain_tanh_critical": 0.01, "v1_bn": 0.01,
+             "v2_bn": 0.03, "skipinit": 0.1, "fixup": 0.1, "nf": 0.03, "plain_tat": 0.003,
+             "plain_dks": 0.001},
 }
 
 

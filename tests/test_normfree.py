@@ -71,7 +71,10 @@ def assert_scan_matches_unrolled(fields, x, rtol=1e-5, atol=1e-6):
 
     def loss_and_out(model, p):
         logits, signals = model.apply({"params": p}, x)
-        return jnp.sum(jnp.sin(logits)), (logits, unstack(signals))
+        # sin of O(1) arguments: the jiggled nets' logits reach ~1e3-1e4, where sin's own
+        # float32 range reduction (which differs between XLA's emitters) would dominate.
+        scale = jax.lax.stop_gradient(1.0 + jnp.max(jnp.abs(logits)))
+        return jnp.sum(jnp.sin(logits / scale)), (logits, unstack(signals))
 
     (_, (lg_s, sig_s)), g_s = jax.jit(jax.value_and_grad(
         lambda p: loss_and_out(scan_model, p), has_aux=True))(params)
@@ -79,7 +82,9 @@ def assert_scan_matches_unrolled(fields, x, rtol=1e-5, atol=1e-6):
         lambda p: loss_and_out(flat_model, p), has_aux=True))(flat_params)
     np.testing.assert_allclose(lg_s, lg_f, rtol=rtol, atol=atol)
     for a, b in zip(sig_s, sig_f):
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+        # Float32 rounding is relative to the tensor's scale: a small entry of a signal of
+        # entries ~1e3 (Fixup's jiggled scalar multipliers) carries ~1e-4 of absolute error.
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.abs(b).max())))
     g_s = unroll_variables({"params": g_s})["params"]
     assert jax.tree.structure(g_s) == jax.tree.structure(g_f)
     for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_f)):
