@@ -134,9 +134,9 @@ def test_conv_preset_has_the_shaped_plain_nets():
         assert methods[name]["model.init"] == "scaled_delta_orthogonal"
         assert (methods[name]["model.weight_scale"], methods[name]["model.bias_scale"]) == (
             1.0, 0.0)
-    # Placeholders: the MLP preset's tuned rates.
-    assert methods["plain_tat"]["optim.learning_rate"] == 0.001
-    assert methods["plain_dks"]["optim.learning_rate"] == 0.002
+    # Every method at the conv preset's own (tuned) rate, not the MLP preset's.
+    assert {n: m["optim.learning_rate"] for n, m in methods.items()} == (
+        digits_trainability.LEARNING_RATES["conv"])
 
 
 @pytest.mark.parametrize(
