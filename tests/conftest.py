@@ -18,10 +18,16 @@ os.environ.setdefault(
 # cache). Shared by the xdist workers and subprocesses through the environment; a size limit
 # turns on JAX's file lock, so concurrent writers and readers never see half an entry, and LRU
 # eviction bounds the disk. Under .pytest_cache, so `pytest --cache-clear` empties it.
+# Only programs that took at least half a second to compile are stored: each store lists and
+# reads every entry under the lock (jax's LRU eviction), so caching the thousands of op-by-op
+# compiles of eager code (~0.05 s each, ~4,100 entries) made every store O(entries) and
+# serialized the workers on the lock. Measured 2026-12-08 on 2 quiet cores, a fresh suite:
+# 14 min 42 s (5 min 17 s of it system time, 1.5 cores busy) -> 7 min 34 s (1 min 2 s; 170
+# entries, most of them from test programs that are compiled in several processes).
 _JAX_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           ".pytest_cache", "jax")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 
