@@ -24,10 +24,12 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n auto -q tests
 
 # Speed measurements (not part of `make test`): each script writes JSON under benchmarks/results/.
-# Adds PyTorch (the peer of the train-step benchmark) to the environment.
+# Adds PyTorch (the peer of the train-step benchmark) and oneDNN (resflax's fastest CPU
+# convolutions, `conv_impl='auto'` once installed) to the environment.
 bench: $(STAMP)
-	$(VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[bench,onednn]'
 	$(VENV)/bin/python -m benchmarks.train_step
+	$(VENV)/bin/python -m benchmarks.onednn_conv
 	$(VENV)/bin/python -m benchmarks.compile_depth
 	$(VENV)/bin/python -m benchmarks.diagnostics_speed
 

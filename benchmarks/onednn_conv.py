@@ -16,7 +16,10 @@ oversubscribe the cores). Where PyTorch is installed, also torch: `F.conv2d` and
 `aten.convolution_backward` on channels-last tensors (PyTorch's own oneDNN, OpenMP threads). Variants are timed alternately (`common.interleaved_medians`); the JSON
 has the load average before and after each shape, and the kernels oneDNN chose.
 
-Flags: --window_secs, --repeats, --out.
+`--shapes=crossover` times small to large stride-1 convolutions instead (run it at several
+`--batch`), for the size from which oneDNN pays (`resflax.conv.ONEDNN_MIN_MACS`).
+
+Flags: --batch, --shapes, --torch, --window_secs, --repeats, --out.
 """
 
 from __future__ import annotations
@@ -32,16 +35,22 @@ from benchmarks import common
 from experiments import reporting
 from resflax import conv, onednn
 
-# (name, H = W, C_in, C_out, stride): ResNet-20's 3x3 convolutions, batch 128.
-SHAPES = [
-    ("32x32x16 s1", 32, 16, 16, 1),
-    ("16x16x32 s1", 16, 32, 32, 1),
-    ("8x8x64 s1", 8, 64, 64, 1),
-    ("32x32x16->32 s2", 32, 16, 32, 2),
-    ("16x16x32->64 s2", 16, 32, 64, 2),
-]
+# (H = W, C_in, C_out, stride) of 3x3 convolutions, per shape set.
+SHAPE_SETS = {
+    # ResNet-20's (at --batch, 128 by default).
+    "resnet20": [(32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2),
+                 (16, 32, 64, 2)],
+    # Small to large stride-1 convolutions, for the size at which oneDNN starts to pay for its
+    # ~70 us per call (`resflax.conv.ONEDNN_MIN_MACS`): the digits-size CIFAR nets (8x8, 4x4,
+    # 2x2 at width 8) up to ResNet-20's first stage. Run it at several --batch values.
+    "crossover": [(4, 4, 4, 1), (8, 4, 4, 1), (2, 32, 32, 1), (4, 16, 16, 1), (8, 8, 8, 1),
+                  (8, 16, 16, 1), (8, 32, 32, 1), (16, 16, 16, 1), (16, 32, 32, 1),
+                  (32, 16, 16, 1)],
+}
 
 flags.DEFINE_integer("batch", 128, "Batch size.")
+flags.DEFINE_enum("shapes", "resnet20", list(SHAPE_SETS), "Which convolutions to time.")
+flags.DEFINE_bool("torch", True, "Also time PyTorch's convolutions where it is installed.")
 flags.DEFINE_float("window_secs", 1.0, "Minimum length of one timed window.")
 flags.DEFINE_integer("repeats", 3, "Timed windows per variant (median).")
 flags.DEFINE_string(
@@ -77,7 +86,8 @@ def variants(size, c_in, c_out, stride):
         steps[f"{impl} all"] = _blocking(
             jax.jit(lambda x, w, g, fns=fns: (fns["fwd"](x, w), fns["dx"](g, w), fns["dw"](x, g))),
             (x, w, g))
-    steps.update(_torch_variants(x, w, g, stride))
+    if FLAGS.torch:
+        steps.update(_torch_variants(x, w, g, stride))
     impls = {part: onednn.implementation(kind, x.shape, w.shape, y_shape, **geo)
              for part, kind in (("fwd", "forward"), ("dx", "backward_data"),
                                 ("dw", "backward_weights"))}
@@ -115,20 +125,22 @@ def main(argv):
     machine = common.machine()
     machine["onednn_version"] = list(onednn.version())
     rows = []
-    for name, size, c_in, c_out, stride in SHAPES:
+    for size, c_in, c_out, stride in SHAPE_SETS[FLAGS.shapes]:
+        name = f"{size}x{size}x{c_in}" + (f"->{c_out}" if c_out != c_in else "") + f" s{stride}"
         load_before = [round(v, 2) for v in os.getloadavg()]
         steps, impls = variants(size, c_in, c_out, stride)
         timed = common.interleaved_medians(steps, FLAGS.window_secs, FLAGS.repeats)
         ms = {k: 1e3 * v["median_s"] for k, v in timed.items()}
         total = {impl: sum(ms[f"{impl} {p}"] for p in ("fwd", "dx", "dw"))
                  for impl in ("xla", "onednn", "torch") if f"{impl} fwd" in ms}
-        row = dict(shape=name, batch=FLAGS.batch, ms=ms, total_ms=total,
+        macs = FLAGS.batch * (size // stride) ** 2 * 9 * c_in * c_out
+        row = dict(shape=name, batch=FLAGS.batch, macs=macs, ms=ms, total_ms=total,
                    ratio_total=total["onednn"] / total["xla"],
                    ratio_all=ms["onednn all"] / ms["xla all"],
                    onednn_impl=impls, load_average_before=load_before,
                    load_average_after=[round(v, 2) for v in os.getloadavg()], timing=timed)
         rows.append(row)
-        print(f"{name:16s} " + "  ".join(
+        print(f"{name:16s} B={FLAGS.batch:<4d} {macs / 1e6:8.2f} M MACs " + "  ".join(
             f"{p} {ms['xla ' + p]:6.2f}/{ms['onednn ' + p]:6.2f}" for p in ("fwd", "dx", "dw",
                                                                               "all"))
               + f"  total {total['xla']:6.2f}/{total['onednn']:6.2f} ms (xla/onednn)"

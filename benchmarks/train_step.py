@@ -1,6 +1,6 @@
 """Train-step throughput: resflax (scanned and unrolled) vs a PyTorch implementation of the same nets.
 
-    pip install -e '.[bench]'            # PyTorch, CPU or GPU build
+    pip install -e '.[bench,onednn]'     # PyTorch (CPU or GPU build); oneDNN (optional)
     python -m benchmarks.train_step      # ~4 min on 2 CPU cores; writes benchmarks/results/train_step.json
 
 For CIFAR ResNet-20, its plain twin and ResNet-56 (He et al. 2015; width 16, batch norm, option
@@ -17,8 +17,9 @@ load from other processes hits them alike; rows report images/s from the median 
 `ratio = resflax_img_s / pytorch_img_s`. The JSON also records each variant's first step
 (compilation included) and the machine's load average before and after.
 
-With the `onednn` extra installed, `--conv_impls=onednn,canonical --scans=True` times resflax
-with oneDNN's convolutions (`conv_impl='onednn'`, `resflax.onednn`) and without.
+resflax runs with `conv_impl='auto'` (its default: oneDNN's convolutions by size where the
+`onednn` extra is installed, `resflax.onednn`) and `'canonical'` (XLA:CPU's kernels alone);
+without oneDNN the two are one variant.
 
 Flags: --models, --scans, --conv_impls, --batch, --window_secs, --repeats, --out.
 """
@@ -45,8 +46,9 @@ MODELS = {  # name -> build_model fields (He et al.'s CIFAR nets: width 16, BN, 
 
 flags.DEFINE_list("models", list(MODELS), f"Models to time, of {list(MODELS)}.")
 flags.DEFINE_list("scans", ["True", "False"], "resflax variants: `scan` values.")
-flags.DEFINE_list("conv_impls", ["auto"],
-                  f"resflax variants: `conv_impl` values, of {conv.IMPLS}.")
+flags.DEFINE_list("conv_impls", ["auto", "canonical"],
+                  f"resflax variants: `conv_impl` values, of {conv.IMPLS}; one variant per "
+                  "implementation they resolve to here.")
 flags.DEFINE_integer("batch", 128, "Global batch size.")
 flags.DEFINE_float("window_secs", 4.0, "Minimum length of one timed window.")
 flags.DEFINE_integer("repeats", 3, "Timed windows per variant (median).")
@@ -106,7 +108,11 @@ def measure(name: str) -> tuple[list[dict], dict]:
     images = rs.randn(FLAGS.batch, 32, 32, 3).astype(np.float32)
     labels = rs.randint(0, 10, FLAGS.batch).astype(np.int32)
     steps, first = {}, {}
-    variants = [(scan == "True", impl) for scan in FLAGS.scans for impl in FLAGS.conv_impls]
+    impls = []  # The first of the flag's values for each implementation they resolve to here.
+    for impl in FLAGS.conv_impls:
+        if conv.resolve_impl(impl) not in [conv.resolve_impl(i) for i in impls]:
+            impls.append(impl)
+    variants = [(scan == "True", impl) for scan in FLAGS.scans for impl in impls]
     for scan, impl in variants:
         key = _key(scan, impl)
         steps[key], first[key] = resflax_step(dict(fields, scan=scan, conv_impl=impl), images,

@@ -137,9 +137,10 @@ class ModelConfig:
       dtype, param_dtype: compute and parameter dtypes ('float32', 'bfloat16', 'float64', ...).
       remat: recompute block activations in the backward pass (memory bounded in depth).
       scan: repeated blocks as one `nn.scan` (compile time flat in depth).
-      conv_impl: 'auto' (`resflax.conv`'s canonical convolution on CPU, on oneDNN where the
-        `onednn` extra is installed; XLA's own on GPU/TPU), 'onednn', 'canonical' or 'xla': the
-        same numbers, only speed differs.
+      conv_impl: 'auto' (`resflax.conv`'s canonical convolution on CPU, on oneDNN from
+        `resflax.conv.ONEDNN_MIN_MACS` multiply-adds where the `onednn` extra is installed; XLA's
+        own on GPU/TPU), 'onednn', 'canonical' or 'xla': the same numbers up to float rounding,
+        only speed differs.
       bn_running_var: 'biased' (flax's convention: the running variance averages the variance
         batch norm normalizes with) or 'unbiased' (x n/(n-1): Torch7/PyTorch, the papers' code).
     """

@@ -31,26 +31,33 @@ trilinear form `<g, conv(x, w)>` read three ways, so each one's transposes are t
 (e.g. `conv_dx_p`'s transpose in g is `conv_p`, in w `conv_dw_p`): every derivative of every order
 is again one of the three.
 
-oneDNN. On CPU, with `onednn=True` (`impl='onednn'`), each of the three lowers to an XLA FFI
+oneDNN. On CPU, with the `onednn` extra installed, each of the three can lower to an XLA FFI
 custom call into oneDNN's forward / backward-data / backward-weights convolution
-(`resflax.onednn`, what PyTorch runs on CPU; 1.3-2.2x faster than XLA:CPU's kernels per layer
-at batch 128), for float32 without input dilation; anything else (float64, the formulas' inner
-input-dilated convolutions under `vmap`, oneDNN missing) lowers to XLA. Custom calls run inside
-loops like any other op.
+(`resflax.onednn`, what PyTorch runs on CPU; 1.7-2.4x faster than XLA:CPU's kernels per layer
+from batch 32 of 8x8x8 up to ResNet-20's batch-128 layers), for float32 without input dilation;
+anything else (float64, the formulas' inner input-dilated convolutions under `vmap`, oneDNN
+missing) lowers to XLA. Custom calls run inside loops like any other op. The primitives' `onednn`
+parameter says when: 'always', 'by_size' (when the convolution has at least `ONEDNN_MIN_MACS`
+multiply-adds: below that oneDNN's fixed cost per call loses to XLA's kernels) or 'never'.
 
-Which to use. `conv2d(..., impl='auto')` takes `conv_p` on XLA on CPU ('canonical') and
-`lax.conv_general_dilated` on GPU/TPU, whose compilers (cuDNN, the TPU convolution emitter)
-choose layouts themselves. oneDNN is opt-in, `impl='onednn'` (the `onednn` extra and g++;
-`RESFLAX_ONEDNN=0` turns it off process-wide, falling back to XLA): faster on the CIFAR
-ResNets' batch-128 layers, but each custom call costs ~70 us, which the tiny convolutions of
-the digits-size nets and of the tests do not repay, and its speed was measured only on a loaded
-machine; 'auto' picks it once a measured size threshold decides per convolution. All give the same numbers (tests compare
-them in float64, values and derivatives, in and out of loops; oneDNN in float32).
+Which to use. `conv2d(..., impl='auto')` (the default) takes `conv_p` on CPU, lowered to oneDNN
+by size where oneDNN is available and to XLA otherwise, and `lax.conv_general_dilated` on
+GPU/TPU, whose compilers (cuDNN, the TPU convolution emitter) choose layouts themselves.
+'onednn' forces oneDNN for every float32 convolution, 'canonical' forces XLA's kernels (`conv_p`
+without oneDNN), 'xla' is `lax.conv_general_dilated`; `RESFLAX_ONEDNN=0` turns oneDNN off
+process-wide. All give the same numbers up to float rounding (tests compare them in float64,
+values and derivatives, in and out of loops; oneDNN in float32). Measured on 2 cores
+(`benchmarks/onednn_conv.py --shapes=crossover`, 2026-12-08, AMD EPYC, load 1-2): fwd + dx + dw
+of a 3x3 convolution took 0.049 / 0.109 ms (XLA / oneDNN) at 5e3 multiply-adds, 0.12 / 0.13 ms
+at 3.7e4, 0.25 / 0.17 ms at 7.4e4 and 0.22 / 0.15 ms at 3e5; `ONEDNN_MIN_MACS` is above that
+crossover. The ResNet-20 train step at batch 128: 0.63x PyTorch's images/s with oneDNN, 0.44x
+without (README, Benchmarks).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Sequence
 
@@ -65,6 +72,11 @@ from resflax import onednn as onednn_lib
 Array = jax.Array
 
 IMPLS = ("auto", "onednn", "canonical", "xla")
+ONEDNN_MODES = ("always", "by_size", "never")  # The primitives' `onednn` parameter.
+# 'by_size' lowers a convolution to oneDNN from this many multiply-adds (per pass: the forward
+# and both gradients of one convolution have the same count) -- twice the measured crossover
+# (module docstring), since a loss there costs more than a win.
+ONEDNN_MIN_MACS = 100_000
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -151,8 +163,8 @@ def _dw_formula(x, g, w_spatial, window_strides, padding, lhs_dilation, rhs_dila
 # ----------------------------------------------------------------------------- the primitives
 
 # Each takes the forward convolution's geometry (`window_strides`, `padding`, `lhs_dilation`,
-# `rhs_dilation`, `precision`) and `onednn` (lower to oneDNN on CPU where it can, see
-# `_onednn_call`); the gradients also the spatial shape of the operand they produce.
+# `rhs_dilation`, `precision`) and `onednn` (of `ONEDNN_MODES`: when to lower to oneDNN on CPU,
+# see `_onednn_call`); the gradients also the spatial shape of the operand they produce.
 conv_p = core.Primitive("resflax_conv_nhwc")  # (x, w) -> y
 conv_dx_p = core.Primitive("resflax_conv_nhwc_dx")  # (g, w) -> dx; x_spatial
 conv_dw_p = core.Primitive("resflax_conv_nhwc_dw")  # (x, g) -> dw; w_spatial
@@ -212,11 +224,30 @@ for _prim, _fn in _XLA.items():
     mlir.register_lowering(_prim, mlir.lower_fun(_fn, multiple_results=False))
 
 
+def multiply_adds(prim, avals, params) -> int:
+    """Multiply-adds of the convolution that `prim` (any of the three) computes on `avals`: the
+    forward's `B H' W' kh kw C_in C_out`, the same for both of its transposes."""
+    if prim is conv_p:
+        x, w = avals
+        y_shape = _out_shape(x.shape, w.shape, params["window_strides"], params["padding"],
+                             params["lhs_dilation"], params["rhs_dilation"])
+        return math.prod(y_shape) * math.prod(w.shape[:3])
+    if prim is conv_dx_p:
+        g, w = avals
+        return math.prod(g.shape) * math.prod(w.shape[:3])
+    x, g = avals
+    return math.prod(g.shape) * math.prod(params["w_spatial"]) * x.shape[3]
+
+
 def _onednn_call(prim, avals, params):
     """The oneDNN custom call computing `prim` (`resflax.onednn`), or None where oneDNN does not
-    apply: `onednn=False`, not float32, input dilation (only the XLA formulas' inner convolutions
-    have it), an empty or negatively padded operand, or oneDNN unavailable."""
-    if not params["onednn"] or any(a.dtype != jnp.float32 for a in avals):
+    apply: `onednn='never'`, `'by_size'` below `ONEDNN_MIN_MACS`, not float32, input dilation
+    (only the XLA formulas' inner convolutions have it), an empty or negatively padded operand,
+    or oneDNN unavailable."""
+    mode = params["onednn"]
+    if mode == "never" or any(a.dtype != jnp.float32 for a in avals):
+        return None
+    if mode == "by_size" and multiply_adds(prim, avals, params) < ONEDNN_MIN_MACS:
         return None
     if params["lhs_dilation"] != (1, 1) or min(min(p) for p in params["padding"]) < 0:
         return None
@@ -250,7 +281,9 @@ for _prim in _XLA:
 
 
 def _bind(x, w, window_strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1), precision=None,
-          onednn=False):
+          onednn="never"):
+    if onednn not in ONEDNN_MODES:
+        raise ValueError(f"onednn={onednn!r} is not supported; allowed values: {ONEDNN_MODES}")
     return conv_p.bind(
         x,
         w,
@@ -259,7 +292,7 @@ def _bind(x, w, window_strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1
         lhs_dilation=tuple(int(d) for d in lhs_dilation),
         rhs_dilation=tuple(int(d) for d in rhs_dilation),
         precision=precision,
-        onednn=bool(onednn),
+        onednn=onednn,
     )
 
 
@@ -346,12 +379,15 @@ batching.primitive_batchers[conv_dw_p] = _gradient_batch_rule(conv_dw_p, _dw_for
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'canonical' on CPU, 'xla' on GPU/TPU; otherwise checks the name. oneDNN is
-    opt-in ('onednn'; module docstring, Which to use)."""
+    """What `impl` runs here: 'auto' -> 'xla' on GPU/TPU, on CPU 'onednn' where oneDNN is
+    available (for convolutions of at least `ONEDNN_MIN_MACS` multiply-adds; module docstring,
+    Which to use), else 'canonical'; any other name is checked and returned."""
     if impl not in IMPLS:
         raise ValueError(f"conv_impl={impl!r} is not supported; allowed values: {list(IMPLS)}")
     if impl == "auto":
-        return "canonical" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "onednn" if onednn_lib.available() else "canonical"
     return impl
 
 
@@ -374,21 +410,23 @@ def conv2d(
       padding: `((lo_h, hi_h), (lo_w, hi_w))` zeros added around `x`'s spatial axes.
       rhs_dilation: `(r_h, r_w)`, kernel (atrous) dilation.
       precision: as for `lax.conv_general_dilated` (oneDNN computes float32 in float32).
-      impl: 'onednn' (`conv_p` and its gradients on oneDNN on CPU, float32; XLA otherwise),
-        'canonical' (`conv_p` on XLA), 'xla' (`lax.conv_general_dilated`) or 'auto' (see the
-        module docstring).
+      impl: 'auto' (CPU: `conv_p`, on oneDNN where available from `ONEDNN_MIN_MACS`
+        multiply-adds; GPU/TPU: 'xla'), 'onednn' (`conv_p` and its gradients on oneDNN on CPU,
+        float32; XLA otherwise), 'canonical' (`conv_p` on XLA) or 'xla'
+        (`lax.conv_general_dilated`); module docstring, Which to use.
 
     Returns:
       `[B, H', W', C_out]`, `H' = floor((H + lo_h + hi_h - r_h (kh - 1) - 1) / s_h) + 1`.
     """
     padding = tuple(tuple(p) for p in padding)
-    impl = resolve_impl(impl)
-    if impl == "xla":
+    resolved = resolve_impl(impl)
+    if resolved == "xla":
         return _lax_conv(
             x, w, window_strides=tuple(strides), padding=padding, lhs_dilation=(1, 1),
             rhs_dilation=tuple(rhs_dilation), precision=precision,
         )
-    return _bind(x, w, strides, padding, (1, 1), rhs_dilation, precision, onednn=impl == "onednn")
+    onednn = "never" if resolved == "canonical" else "by_size" if impl == "auto" else "always"
+    return _bind(x, w, strides, padding, (1, 1), rhs_dilation, precision, onednn=onednn)
 
 
 def noncanonical_loop_convolutions(hlo_text: str) -> list[str]:

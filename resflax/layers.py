@@ -417,7 +417,7 @@ class Conv(nn.Module):
     [features]`) and the same numbers; the convolution is `resflax.conv.conv2d`, whose
     derivatives of every order stay canonical convolutions, so that XLA:CPU runs them on its fast
     kernels inside `nn.scan` and the diagnostics' loops too. `impl`: 'auto' (that convolution on
-    CPU, on oneDNN where installed; `lax.conv_general_dilated` on GPU/TPU), 'onednn',
+    CPU, on oneDNN by size where installed; `lax.conv_general_dilated` on GPU/TPU), 'onednn',
     'canonical' or 'xla'.
 
     `standardize=True`: scaled weight standardization (`standardize_kernel`) with a learnable

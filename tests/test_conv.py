@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import resflax
-from resflax import conv, parallel, training
+from resflax import conv, onednn, parallel, training
 from resflax import diagnostics as dg
 from resflax.models import unroll_variables
 
@@ -133,8 +133,9 @@ def test_derivatives_inside_scan_while_loop_and_lax_map_equal_lax():
             assert_trees_equal(got[name], want[name], rtol=1e-11)
 
 
-def test_auto_picks_the_canonical_convolution_on_cpu_and_rejects_unknown_names():
-    assert conv.resolve_impl("auto") == ("canonical" if jax.default_backend() == "cpu" else "xla")
+def test_auto_picks_conv_p_on_cpu_and_rejects_unknown_names():
+    cpu = "onednn" if onednn.available() else "canonical"  # oneDNN by size (test_onednn).
+    assert conv.resolve_impl("auto") == (cpu if jax.default_backend() == "cpu" else "xla")
     with pytest.raises(ValueError, match=r"conv_impl='cudnn'.*allowed values.*canonical"):
         conv.resolve_impl("cudnn")
     with pytest.raises(ValueError, match="conv_impl"):

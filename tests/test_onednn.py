@@ -1,6 +1,6 @@
 """`resflax.onednn` under `resflax.conv`: oneDNN's float32 convolutions give XLA's numbers for
-values and every derivative, in and out of `lax.scan`; float64 stays on XLA. Skipped without the
-`onednn` extra (or without g++)."""
+values and every derivative, in and out of `lax.scan`; float64 stays on XLA; 'auto' takes oneDNN
+from `conv.ONEDNN_MIN_MACS` multiply-adds. Skipped without the `onednn` extra (or without g++)."""
 
 import os
 import subprocess
@@ -103,10 +103,35 @@ def test_float64_falls_back_to_xla(size, kernel, stride, c_in, c_out):
         assert_close(program["onednn"](*args), program["canonical"](*args), rtol=1e-12)
 
 
-def test_onednn_is_opt_in_and_the_switch_turns_it_off():
-    assert conv.resolve_impl("auto") == "canonical"
+def test_auto_takes_onednn_from_the_size_threshold_and_the_switch_turns_it_off():
+    assert conv.resolve_impl("auto") == "onednn"
     assert conv.resolve_impl("onednn") == "onednn"
+
+    def lowered(batch, impl="auto"):  # One 3x3 convolution, 4 -> 4 channels at 8x8.
+        x, w, _, _ = operands(8, 3, 4, 4)
+        x = jnp.tile(x, (batch, 1, 1, 1))[:batch]
+        f = lambda x, w: jax.grad(lambda x, w: jnp.sum(conv.conv2d(x, w, (1, 1), ((1, 1),) * 2,
+                                                                  impl=impl) ** 2), (0, 1))(x, w)
+        return jax.jit(f).lower(x, w).as_text()
+
+    # 8 x 8 x 9 x 4 x 4 = 9216 multiply-adds per example.
+    small = conv.ONEDNN_MIN_MACS // 9216  # Just below the threshold ...
+    assert "resflax_onednn" not in lowered(small)
+    assert "resflax_onednn" in lowered(small, impl="onednn")  # ... unless forced;
+    assert all(call in lowered(small + 1) for call in CALLS)  # just above it, all three.
+    assert "resflax_onednn" not in lowered(small + 1, impl="canonical")
     code = "from resflax import conv, onednn; print(conv.resolve_impl('auto'), onednn.available())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, RESFLAX_ONEDNN="0", JAX_PLATFORMS="cpu"))
     assert out.stdout.split() == ["canonical", "False"]
+
+
+def test_multiply_adds_of_the_three_primitives_agree():
+    x, w, _, _ = operands(8, 3, 4, 6)
+    params = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), lhs_dilation=(1, 1),
+                  rhs_dilation=(1, 1), precision=None, onednn="never")
+    y = jax.eval_shape(lambda x, w: conv.conv_p.bind(x, w, **params), x, w)
+    want = 3 * 4 * 4 * 9 * 4 * 6  # B H' W' kh kw C_in C_out
+    assert conv.multiply_adds(conv.conv_p, (x, w), params) == want
+    assert conv.multiply_adds(conv.conv_dx_p, (y, w), dict(params, x_spatial=(8, 8))) == want
+    assert conv.multiply_adds(conv.conv_dw_p, (x, y), dict(params, w_spatial=(3, 3))) == want
