@@ -40,9 +40,9 @@ SHAPE_SETS = {
     # ResNet-20's (at --batch, 128 by default).
     "resnet20": [(32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2),
                  (16, 32, 64, 2)],
-    # Small to large stride-1 convolutions, for the size at which oneDNN starts to pay for its
-    # ~70 us per call (`resflax.conv.ONEDNN_MIN_MACS`): the digits-size CIFAR nets (8x8, 4x4,
-    # 2x2 at width 8) up to ResNet-20's first stage. Run it at several --batch values.
+    # Tiny to large stride-1 convolutions, for the size from which oneDNN repays its fixed cost
+    # per call (`resflax.conv.ONEDNN_MIN_MACS`): the tests' sizes, the digits-size CIFAR nets'
+    # (8x8, 4x4, 2x2 at width 8) up to ResNet-20's first stage. Run it at several --batch values.
     "crossover": [(4, 4, 4, 1), (8, 4, 4, 1), (2, 32, 32, 1), (4, 16, 16, 1), (8, 8, 8, 1),
                   (8, 16, 16, 1), (8, 32, 32, 1), (16, 16, 16, 1), (16, 32, 32, 1),
                   (32, 16, 16, 1)],

@@ -47,11 +47,12 @@ GPU/TPU, whose compilers (cuDNN, the TPU convolution emitter) choose layouts the
 without oneDNN), 'xla' is `lax.conv_general_dilated`; `RESFLAX_ONEDNN=0` turns oneDNN off
 process-wide. All give the same numbers up to float rounding (tests compare them in float64,
 values and derivatives, in and out of loops; oneDNN in float32). Measured on 2 cores
-(`benchmarks/onednn_conv.py --shapes=crossover`, 2026-12-08, AMD EPYC, load 1-2): fwd + dx + dw
-of a 3x3 convolution took 0.049 / 0.109 ms (XLA / oneDNN) at 5e3 multiply-adds, 0.12 / 0.13 ms
-at 3.7e4, 0.25 / 0.17 ms at 7.4e4 and 0.22 / 0.15 ms at 3e5; `ONEDNN_MIN_MACS` is above that
-crossover. The ResNet-20 train step at batch 128: 0.63x PyTorch's images/s with oneDNN, 0.44x
-without (README, Benchmarks).
+(`benchmarks/onednn_conv.py --shapes=crossover --batch=4|8|32|128`, 2026-12-08, AMD EPYC, load
+0.6-2.1), oneDNN's over XLA's time for fwd + dx + dw of one 3x3 convolution: 1.26-1.73 at 0.9-1.8e4
+multiply-adds, 0.57-0.83 at 3.7-7.4e4, 0.86-1.10 at 1.5e5 (three shapes at batch 4), 0.73-0.91
+at 2.9e5 and 0.18-0.80 at every size from 5.9e5 on (the digits-size CIFAR nets' convolutions
+are 1.2e6 at batch 32: 0.52-0.58); hence `ONEDNN_MIN_MACS` = 2e5. The ResNet-20 train step at
+batch 128: 0.61-0.63x PyTorch's images/s with oneDNN, 0.43-0.44x without (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ Array = jax.Array
 IMPLS = ("auto", "onednn", "canonical", "xla")
 ONEDNN_MODES = ("always", "by_size", "never")  # The primitives' `onednn` parameter.
 # 'by_size' lowers a convolution to oneDNN from this many multiply-adds (per pass: the forward
-# and both gradients of one convolution have the same count) -- twice the measured crossover
-# (module docstring), since a loss there costs more than a win.
-ONEDNN_MIN_MACS = 100_000
+# and both gradients of one convolution have the same count): above the sizes where it was
+# measured to lose or break even (module docstring).
+ONEDNN_MIN_MACS = 200_000
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
