@@ -26,7 +26,7 @@ v1-56 and v2-56 (27 blocks each) on the same digits: the plain net's squared gra
 towards the input, the residual twins' by ~500 (v1) and ~400-700 (v2).
 
 The seeds' nets at full size (32x32x3, batch 64, 2 seeds, everything): ResNet-56 and plain-56 in
-73-83 s each on 2 cores (`:single` with the flags below and `--config.data.name=gaussian
+54-82 s each on 2 cores (`:single` with the flags below and `--config.data.name=gaussian
 --config.data.input_dim='(32, 32, 3)'`).
 
 Preset `single` (`--config=configs/gradient_flow.py:single`) runs just `config.model`, and every
