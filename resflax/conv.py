@@ -33,7 +33,7 @@ is again one of the three.
 
 oneDNN. On CPU, with the `onednn` extra installed, each of the three can lower to an XLA FFI
 custom call into oneDNN's forward / backward-data / backward-weights convolution
-(`resflax.onednn`, what PyTorch runs on CPU; 1.7-2.4x faster than XLA:CPU's kernels per layer
+(`resflax.onednn`, what PyTorch runs on CPU; 1.7-5.5x faster than XLA:CPU's kernels per layer
 from batch 32 of 8x8x8 up to ResNet-20's batch-128 layers), for float32 without input dilation;
 anything else (float64, the formulas' inner input-dilated convolutions under `vmap`, oneDNN
 missing) lowers to XLA. Custom calls run inside loops like any other op. The primitives' `onednn`
