@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[bench,onednn]'
 	$(VENV)/bin/python -m benchmarks.train_step
 	$(VENV)/bin/python -m benchmarks.onednn_conv
+	$(VENV)/bin/python -m benchmarks.scan_gap
 	$(VENV)/bin/python -m benchmarks.compile_depth
 	$(VENV)/bin/python -m benchmarks.diagnostics_speed
 
