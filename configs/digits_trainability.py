@@ -191,6 +191,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         config.methods = methods(LEARNING_RATES[preset], conv=preset == "conv")
         config.seeds = (0, 1, 2)
         config.cache_batches = True
+        # Processes training runs at once on the CPU backend (`experiments.workers`; one
+        # process on GPU/TPU). The records do not depend on it. conv: two runs of these small
+        # nets at once train 1.5x faster on 2 cores than one after another.
+        config.workers = 2 if preset == "conv" else 1
         config.reference = ("v1_bn", "v2_bn")  # The ResNet twins the gap is measured against.
         config.margin = 0.05  # Closes the gap: mean final train loss <= best twin's + margin.
 

@@ -55,14 +55,15 @@ from absl import logging
 
 from experiments import common, degradation, gradient_flow, plots as plots_lib, reporting
 from experiments import train_setup
-from resflax import diagnostics
+from experiments import workers as workers_lib
+from resflax import diagnostics, training
 
 RESULTS_FILE = "results.json"
 TUNING_FILE = "tuning.json"
 PLOT_FILE = "trainability.png"
 DIAGNOSTICS_FILE = "init_diagnostics.json"
 SWEEP_FIELDS = ("methods", "depths", "seeds", "cache_batches", "reference", "margin",
-                "diagnostics", "tune", "tuning")
+                "diagnostics", "tune", "tuning", "workers")
 CONFIG_FILE = "configs/digits_trainability.py"
 
 
@@ -148,6 +149,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = config.diagnostics[name]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.diagnostics.{name}={value!r} must be an int >= 1")
+    if (not isinstance(config.workers, int) or isinstance(config.workers, bool)
+            or config.workers < 1):
+        raise ValueError(f"config.workers={config.workers!r} must be an int >= 1 (processes "
+                         "training runs at once on CPU)")
     _check_tuning(config)
     depths = (config.tuning.depth,) if config.tune else None
     for net in nets(config, depths):
@@ -342,23 +347,87 @@ def format_table(table: list[dict], margin: float) -> str:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _train(config, workdir: str, work: Sequence[tuple[str, Net, ml_collections.ConfigDict]],
-           with_diagnostics: bool) -> tuple[list[dict], bool]:
-    """Trains (or reuses) every `(name, net, run)`; returns (records, preempted)."""
-    trainer = degradation.Trainer(config.cache_batches)
-    measure = InitDiagnostics(config) if with_diagnostics else None
-    runs = []
-    for name, net, run in work:
+# Per worker process (`experiments.workers`): its trainer and diagnostics, made once.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cache_batches: bool, diagnostics_options: dict) -> None:
+    reporting.quiet_library_logs()
+    config = ml_collections.ConfigDict(dict(diagnostics=diagnostics_options))
+    _WORKER.update(trainer=degradation.Trainer(cache_batches), measure=InitDiagnostics(config))
+
+
+def _train_group(task) -> list[dict]:
+    """A worker's task: one architecture's runs, in order, in the worker's trainer."""
+    workdir, items, with_diagnostics = task
+    return _train_items(_WORKER["trainer"], _WORKER["measure"] if with_diagnostics else None,
+                        workdir, items)
+
+
+def _ends_preempted(records: list[dict]) -> bool:
+    return bool(records) and records[-1]["status"] == "preempted"
+
+
+def _train_items(trainer, measure, workdir: str, items) -> list[dict]:
+    """Trains (or reuses) every `(name, net, run)` of `items` in order; stops after a
+    preempted one. Returns the records."""
+    records = []
+    for name, net, run in items:
         run_dir = os.path.join(workdir, "runs", f"{name}_seed{run.seed}")
         record = trainer.run(name, run, run_dir)
         record.update(method=net.method, depth=net.depth)
         if measure is not None:
             record["init_diagnostics"] = measure(run, trainer.programs(run), run_dir)
-        runs.append(record)
+        records.append(record)
         if record["status"] == "preempted":
-            logging.warning("Preempted: rerun the same command to resume.")
-            return runs, True
-    return runs, False
+            break
+    return records
+
+
+def architecture_groups(work: Sequence[tuple[str, Net, ml_collections.ConfigDict]]
+                        ) -> list[list[int]]:
+    """Indices of `work` grouped by compiled program (`training.programs_key`: architecture and
+    optimizer), so that a worker compiles each once; longest group first (cost: steps x batch x
+    weight layers, summed), for the greedy hand-out of `experiments.workers.map_tasks`."""
+    groups: dict[str, list[int]] = {}
+    cost: dict[str, float] = {}
+    for i, (_, _, run) in enumerate(work):
+        model = common.model_config(run)
+        key = training.programs_key(model, train_setup.optim_config(run), run.num_devices)
+        groups.setdefault(key, []).append(i)
+        cost[key] = cost.get(key, 0.0) + (run.num_train_steps * run.batch_size
+                                          * degradation.weight_layers(model))
+    return [groups[k] for k in sorted(groups, key=lambda k: -cost[k])]
+
+
+def _train(config, workdir: str, work: Sequence[tuple[str, Net, ml_collections.ConfigDict]],
+           with_diagnostics: bool) -> tuple[list[dict], bool]:
+    """Trains (or reuses) every `(name, net, run)`, in `config.workers` processes on CPU
+    (`experiments.workers`); returns (records in the order of `work`, preempted). Records are
+    the same whatever the number of processes: each run is a pure function of its config."""
+    processes = workers_lib.processes_for_backend(config.workers)
+    if processes == 1:
+        trainer = degradation.Trainer(config.cache_batches)
+        measure = InitDiagnostics(config) if with_diagnostics else None
+        runs = _train_items(trainer, measure, workdir, work)
+    else:
+        groups = architecture_groups(work)
+        logging.info("Training %d runs (%d architectures) in %d worker processes", len(work),
+                     len(groups), processes)
+        tasks = [(workdir, [work[i] for i in g], with_diagnostics) for g in groups]
+        done = workers_lib.map_tasks(
+            _train_group, tasks, processes, initializer=_init_worker,
+            initargs=(config.cache_batches, config.diagnostics.to_dict()),
+            is_stop=_ends_preempted)
+        by_index = {}
+        for g, records in done.items():
+            by_index.update(zip(groups[g], records))
+        runs = [by_index[i] for i in sorted(by_index)]
+    # Fewer records than runs: a stop request between two runs (parallel), or a preempted run.
+    preempted = len(runs) < len(work) or any(r["status"] == "preempted" for r in runs)
+    if preempted:
+        logging.warning("Preempted: rerun the same command to resume.")
+    return runs, preempted
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

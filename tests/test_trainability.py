@@ -151,6 +151,7 @@ def test_conv_preset_has_the_shaped_plain_nets():
         ("depths", (), r"config\.depths=\(\) must be a non-empty tuple"),
         ("margin", -1.0, r"config\.margin=-1\.0"),
         ("seeds", (-1,), r"config\.seeds=\(-1,\) must be a non-empty tuple of ints >= 0"),
+        ("workers", 0, r"config\.workers=0 must be an int >= 1"),
     ],
 )
 def test_bad_config_names_the_field(field, value, message):
@@ -195,3 +196,28 @@ def test_cifar10_config_without_the_data_is_one_line_naming_dataset_and_data_dir
     assert last.startswith("trainability: error: Dataset 'cifar10' is not prepared")
     assert f"data_dir={str(empty)!r}" in last and "Traceback" not in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_parallel_workers_give_the_same_records_as_one_process(digits_dir, tmp_path):
+    """Two worker processes (experiments.workers), runs grouped by architecture and handed out
+    longest first: the same records, in the same order, as the sweep in one process."""
+    config = tiny_config(digits_dir, methods=("plain_bn", "v1_bn", "plain_dks"))
+    one = trainability.run_sweep(config, str(tmp_path / "one"))
+    config.workers = 2
+    two = trainability.run_sweep(config, str(tmp_path / "two"))
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "wall_s"} for r in runs]
+    assert strip(two["runs"]) == strip(one["runs"])
+    assert two["table"] == one["table"]
+
+
+def test_architecture_groups_keep_seeds_together_longest_first(digits_dir):
+    config = tiny_config(digits_dir)
+    config.seeds = (0, 1)
+    work = [(trainability.net_name(config, net), net, trainability.run_config(config, net, s))
+            for net in trainability.nets(config) for s in config.seeds]
+    groups = trainability.architecture_groups(work)
+    assert sorted(i for g in groups for i in g) == list(range(len(work)))
+    for g in groups:  # One architecture per group: its seeds.
+        assert len({(work[i][1].method, work[i][1].depth) for i in g}) == 1 and len(g) == 2
+    depths = [work[g[0]][1].depth for g in groups]
+    assert depths == sorted(depths, reverse=True)  # The deeper nets first.
