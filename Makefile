@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.train_step
 	$(VENV)/bin/python -m benchmarks.onednn_conv
 	$(VENV)/bin/python -m benchmarks.scan_gap
+	$(VENV)/bin/python -m benchmarks.batch_norm_grad
 	$(VENV)/bin/python -m benchmarks.compile_depth
 	$(VENV)/bin/python -m benchmarks.diagnostics_speed
 
