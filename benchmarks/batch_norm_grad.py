@@ -46,9 +46,7 @@ def autodiff_batch_norm():
 
 def main(argv):
     del argv
-    unknown = sorted(set(FLAGS.models) - set(MODELS))
-    if unknown:
-        raise app.UsageError(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
+    train_step.check_models(FLAGS.models, MODELS)
     machine = common.machine()
     rs = np.random.RandomState(0)
     images = rs.randn(FLAGS.batch, 32, 32, 3).astype(np.float32)

@@ -151,11 +151,16 @@ def _key(scan: bool, impl: str) -> str:
     return f"resflax scan={scan}" + ("" if impl == "auto" else f" conv_impl={impl}")
 
 
+def check_models(names, allowed) -> None:
+    """A usage error naming `--models`' unknown names and the allowed ones."""
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise app.UsageError(f"--models: unknown {unknown}; allowed: {list(allowed)}")
+
+
 def main(argv):
     del argv
-    unknown = sorted(set(FLAGS.models) - set(MODELS))
-    if unknown:
-        raise app.UsageError(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
+    check_models(FLAGS.models, MODELS)
     machine = common.machine()
     rows, details = [], []
     for name in FLAGS.models:

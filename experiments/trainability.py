@@ -10,7 +10,10 @@ e.g. `{"name": "plain_bn", "model.block": "plain", "model.norm": "batch",
 `config.seeds`, one run each (`experiments.degradation.Trainer`: `experiments.train` in
 `workdir/runs/<method>-<weight layers>_seed<seed>/`; a restart reuses completed runs and resumes
 interrupted ones), measures each run's initialization (`init_diagnostics`, cached in the run's
-directory), and writes into `workdir`:
+directory), and writes into `workdir`. On the CPU backend `config.workers` processes train runs
+at once (`experiments.workers`: each process takes all seeds of one architecture, so it
+compiles each program once; the deepest first); the records are the same as in one process
+(tested), in the same order. Outputs:
 
 - `results.json`: `{"config", "runs", "table", "gaps", "provenance", "wall_s"}`. `runs`: the
   records of `experiments.degradation` (`net`, `model`, `weight_layers`, `seed`, `status`,
