@@ -11,7 +11,8 @@ variants of a model interleaved in one run. Rows: images/s, scanned / unrolled p
 and closed / autodiff per layout. The two derivatives are equal
 (`tests/test_batch_norm.py`, float64).
 
-Flags (`benchmarks.train_step`'s): --models (also `resnet110`), --window_secs, --repeats, --out.
+Flags: --grads (closed, autodiff: both by default; one alone times scanned vs unrolled), and
+`benchmarks.train_step`'s --models (also `resnet110`), --window_secs, --repeats, --out.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("out", os.path.join(os.path.dirname(__file__), "results",
                                       "batch_norm_grad.json"))
 FLAGS.set_default("models", ["plain20", "resnet20", "resnet56", "resnet110"])
+flags.DEFINE_list("grads", ["closed", "autodiff"],
+                  "Batch norm derivatives to time, of closed (resflax's) and autodiff.")
 MODELS = {**train_step.MODELS, "resnet110": dict(family="cifar_resnet", block="v1", depth=110)}
 
 
@@ -47,6 +50,8 @@ def autodiff_batch_norm():
 def main(argv):
     del argv
     train_step.check_models(FLAGS.models, MODELS)
+    if not FLAGS.grads or set(FLAGS.grads) - {"closed", "autodiff"}:
+        raise app.UsageError(f"--grads={FLAGS.grads}: allowed values closed, autodiff")
     machine = common.machine()
     rs = np.random.RandomState(0)
     images = rs.randn(FLAGS.batch, 32, 32, 3).astype(np.float32)
@@ -54,7 +59,7 @@ def main(argv):
     rows, details = [], []
     for name in FLAGS.models:
         steps, first = {}, {}
-        for grad in ("closed", "autodiff"):
+        for grad in FLAGS.grads:
             for scan in (True, False):
                 key = f"{grad} scan={scan}"
                 fields = dict(MODELS[name], scan=scan, conv_impl="auto")
@@ -62,18 +67,18 @@ def main(argv):
                     steps[key], first[key] = train_step.resflax_step(fields, images, labels)
         timed = common.interleaved_medians(steps, FLAGS.window_secs, FLAGS.repeats)
         img_s = {k: FLAGS.batch / v["median_s"] for k, v in timed.items()}
-        for grad in ("closed", "autodiff"):
+        for grad in FLAGS.grads:
             scanned, unrolled = img_s[f"{grad} scan=True"], img_s[f"{grad} scan=False"]
             rows.append(dict(model=name, batch_norm_grad=grad, batch=FLAGS.batch,
                              conv_impl_resolved=conv.resolve_impl("auto"),
                              scanned_img_s=scanned, unrolled_img_s=unrolled,
                              scanned_over_unrolled=scanned / unrolled))
-        for scan in (True, False):
+        for scan in (True, False) if len(FLAGS.grads) == 2 else ():
             ratio = img_s[f"closed scan={scan}"] / img_s[f"autodiff scan={scan}"]
             print(f"{name:9s} scan={scan!s:5s} closed {img_s[f'closed scan={scan}']:6.1f} "
                   f"autodiff {img_s[f'autodiff scan={scan}']:6.1f} img/s  closed/autodiff "
                   f"{ratio:.2f}", flush=True)
-        for row in rows[-2:]:
+        for row in rows[-len(FLAGS.grads):]:
             print(f"{name:9s} {row['batch_norm_grad']:8s} scanned/unrolled "
                   f"{row['scanned_over_unrolled']:.2f}", flush=True)
         details.append(dict(model=name, images_per_sec=img_s, first_step_s=first,
