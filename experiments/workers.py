@@ -65,7 +65,7 @@ def _worker(function, initializer, initargs, is_stop, verbosity, tasks, results,
             ) -> None:
     """A worker process: `initializer(*initargs)`, then tasks until the sentinel or `stop`."""
     logging.set_verbosity(verbosity)
-    # The parent forwards SIGTERM and SIGINT (see `_forward`); a terminal's Ctrl-C also
+    # The parent forwards SIGTERM and SIGINT (`_forward_signals`); a terminal's Ctrl-C also
     # reaches the worker directly. Outside a run's own handler (experiments.train), either
     # means: finish the current task, take no other.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,10 +102,10 @@ def map_tasks(function: Callable[[Any], Any], tasks: Sequence[Any], processes: i
     todo, results, stop = context.Queue(), context.Queue(), context.Event()
     for item in enumerate(tasks):
         todo.put(item)
+    args = (function, initializer, initargs, is_stop, logging.get_verbosity(), todo, results,
+            stop)
     workers = [context.Process(target=_worker, name=f"resflax-worker-{i}", daemon=True,
-                               args=(function, initializer, initargs, is_stop, logging.get_verbosity(),
-                                     todo, results, stop))
-               for i in range(min(processes, len(tasks)))]
+                               args=args) for i in range(min(processes, len(tasks)))]
     for _ in workers:
         todo.put(None)
     done: dict[int, Any] = {}
@@ -155,10 +155,13 @@ def _forward_signals(workers, stop) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
+    received = []
+
     def handle(signum, frame):
         del frame
-        if signum == signal.SIGINT and stop.is_set():
+        if signum == signal.SIGINT and received:
             raise KeyboardInterrupt
+        received.append(signum)
         stop.set()
         logging.warning("%s received: the worker processes stop after their current runs "
                         "(checkpointed)", signal.Signals(signum).name)
