@@ -373,9 +373,11 @@ def _ends_preempted(records: list[dict]) -> bool:
 
 def _train_items(trainer, measure, workdir: str, items) -> list[dict]:
     """Trains (or reuses) every `(name, net, run)` of `items` in order; stops after a
-    preempted one. Returns the records."""
+    preempted one, and in a worker process when the sweep is stopping. Returns the records."""
     records = []
     for name, net, run in items:
+        if workers_lib.stop_requested():
+            break
         run_dir = os.path.join(workdir, "runs", f"{name}_seed{run.seed}")
         record = trainer.run(name, run, run_dir)
         record.update(method=net.method, depth=net.depth)

@@ -18,7 +18,8 @@ Contract of `map_tasks(function, tasks, processes, initializer, initargs)`:
 - Results come back as `{index: result}` for every task that finished; fewer than the tasks
   when the sweep was stopped early.
 - A result for which `is_stop(result)` holds (a preempted run) makes the workers take no new
-  task (`is_stop` runs in the worker: a module-level function too).
+  task (`is_stop` runs in the worker: a module-level function too). A task that is several
+  runs checks `stop_requested()` between them.
 - SIGTERM / SIGINT received by the parent are forwarded to the workers (a run checkpoints and
   returns `preempted`, as it does in one process) and no new task is handed out.
 - A task that raises re-raises in the parent (`WorkerError`, with the worker's traceback) after
@@ -56,6 +57,15 @@ def processes_for_backend(processes: int) -> int:
     return processes
 
 
+_STOP = None  # In a worker process: the sweep's stop event, shared by all workers.
+
+
+def stop_requested() -> bool:
+    """In a worker process, whether the sweep is stopping (a signal, a preempted run or an
+    error anywhere): a task made of several runs checks it between them. False elsewhere."""
+    return _STOP is not None and _STOP.is_set()
+
+
 def _never(result) -> bool:
     del result
     return False
@@ -64,6 +74,8 @@ def _never(result) -> bool:
 def _worker(function, initializer, initargs, is_stop, verbosity, tasks, results, stop
             ) -> None:
     """A worker process: `initializer(*initargs)`, then tasks until the sentinel or `stop`."""
+    global _STOP
+    _STOP = stop
     logging.set_verbosity(verbosity)
     # The parent forwards SIGTERM and SIGINT (`_forward_signals`); a terminal's Ctrl-C also
     # reaches the worker directly. Outside a run's own handler (experiments.train), either
@@ -141,8 +153,11 @@ def map_tasks(function: Callable[[Any], Any], tasks: Sequence[Any], processes: i
         raise WorkerError("a task failed in a worker process:\n" + errors[0])
     died = [w for w in workers if w.exitcode != 0]
     if died and len(done) < len(tasks) and not stop.is_set():
-        raise WorkerError(f"worker process {died[0].name} exited with code {died[0].exitcode} "
-                          f"before its tasks were done ({len(done)} of {len(tasks)} done)")
+        raise WorkerError(
+            f"worker process {died[0].name} exited with code {died[0].exitcode} before its "
+            f"tasks were done ({len(done)} of {len(tasks)} done). Its stderr is above. Workers "
+            "start by importing the main module (multiprocessing's 'spawn'): a script that "
+            "starts a sweep must do so under `if __name__ == '__main__':`")
     return done
 
 

@@ -210,6 +210,24 @@ def test_parallel_workers_give_the_same_records_as_one_process(digits_dir, tmp_p
     assert two["table"] == one["table"]
 
 
+def test_parallel_sweep_stopped_midway_resumes_to_the_same_records(digits_dir, tmp_path):
+    """Every run stops at step 3 (as on SIGTERM: checkpoint, status 'preempted'); the workers
+    take no new run; the rerun resumes and gives the uninterrupted one-process records."""
+    config = tiny_config(digits_dir)
+    config.seeds = (0, 1)
+    one = trainability.run_sweep(config, str(tmp_path / "one"))
+    config.workers = 2
+    config.stop_at_step = 3
+    stopped = trainability.run_sweep(config, str(tmp_path / "two"))
+    assert stopped["status"] == "preempted"
+    assert 1 <= len(stopped["runs"]) < len(one["runs"])
+    assert {r["status"] for r in stopped["runs"]} == {"preempted"}
+    config.stop_at_step = None
+    resumed = trainability.run_sweep(config, str(tmp_path / "two"))
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "wall_s"} for r in runs]
+    assert strip(resumed["runs"]) == strip(one["runs"])
+
+
 def test_architecture_groups_keep_seeds_together_longest_first(digits_dir):
     config = tiny_config(digits_dir)
     config.seeds = (0, 1)

@@ -27,6 +27,28 @@ def _is_one(result):
     return result[0] == 1
 
 
+def _stop_or_count(task):
+    """('stop', dir) ends (a preempted run) once the other task has started; ('count', dir) is
+    several runs that check `stop_requested` between them, for up to 30 s."""
+    kind, marker_dir = task
+    marker = os.path.join(marker_dir, "counting")
+    deadline = time.monotonic() + 30
+    if kind == "stop":
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return "stop"
+    open(marker, "w").close()
+    while time.monotonic() < deadline:
+        if workers.stop_requested():
+            return "stopped between runs"
+        time.sleep(0.05)
+    return "never stopped"
+
+
+def _is_stop(result):
+    return result == "stop"
+
+
 def _wait_for_sigterm(marker_dir):
     """Like a training run: its own SIGTERM handler; returns 'stopped' once it got one."""
     got = []
@@ -57,6 +79,13 @@ def test_a_stop_result_stops_handing_out_tasks():
                              initializer=_set_offset, initargs=(0,),
                              is_stop=_is_one)
     assert sorted(done) == [0, 1]
+
+
+def test_a_stop_reaches_a_task_running_in_another_worker(tmp_path):
+    tasks = [("stop", str(tmp_path)), ("count", str(tmp_path))]
+    done = workers.map_tasks(_stop_or_count, tasks, processes=2, is_stop=_is_stop)
+    assert done == {0: "stop", 1: "stopped between runs"}
+    assert not workers.stop_requested()  # Never in the parent.
 
 
 def test_sigterm_is_forwarded_and_no_new_task_starts(tmp_path):
